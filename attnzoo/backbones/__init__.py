@@ -1,0 +1,2 @@
+"""One module per family; importing a module registers its models with timm."""
+from . import cbam, eca  # noqa: F401

@@ -1,0 +1,79 @@
+"""Checkpoint helpers shared by every family's ``checkpoint_filter_fn`` and the converter."""
+import re
+from typing import Any, Dict, Iterable, Mapping, Tuple
+
+import torch
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def unwrap_state_dict(checkpoint: Any) -> Dict[str, torch.Tensor]:
+    """Return the tensors of an official checkpoint.
+
+    Accepts a raw state_dict, ``{'model': sd}`` (BiFormer, Agent, MALA),
+    ``{'state_dict': sd}`` (CBAM, ECA) and a DataParallel ``module.`` prefix.
+    """
+    if not isinstance(checkpoint, Mapping):
+        raise ValueError(f"checkpoint must be a mapping of tensors, got {type(checkpoint).__name__}")
+    for key in ("model", "state_dict", "model_ema"):
+        if key in checkpoint and isinstance(checkpoint[key], Mapping):
+            checkpoint = checkpoint[key]
+            break
+    sd = {}
+    for k, v in checkpoint.items():
+        if not isinstance(v, torch.Tensor):
+            continue  # optimizer steps, epochs, args ...
+        sd[k[len("module."):] if k.startswith("module.") else k] = v
+    if not sd:
+        raise ValueError("checkpoint holds no tensors")
+    return sd
+
+
+def remap_keys(state_dict: Mapping[str, torch.Tensor], rules: Iterable[Tuple[str, str]]) -> Dict[str, torch.Tensor]:
+    """Rename keys by name with ``re.sub`` rules applied in order; never by key order."""
+    rules = [(re.compile(p), r) for p, r in rules]
+    out = {}
+    for k, v in state_dict.items():
+        for pattern, repl in rules:
+            k = pattern.sub(repl, k)
+        out[k] = v
+    return out
+
+
+def load_checkpoint_file(path: str) -> Dict[str, torch.Tensor]:
+    """Read a checkpoint without unpickling arbitrary objects (safetensors or ``weights_only``)."""
+    path = str(path)
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        return load_file(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle with non-tensor objects: refuse rather than execute it
+        raise ValueError(f"{path}: not a weights-only checkpoint ({e.__class__.__name__}: {e})") from e
+    return unwrap_state_dict(obj)
+
+
+def check_keys(state_dict: Mapping[str, torch.Tensor], model: torch.nn.Module) -> None:
+    """Raise a ``ValueError`` listing missing / unexpected keys and shape mismatches."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    shapes = sorted(
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items() if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape))
+    if missing or unexpected or shapes:
+        def fmt(xs):
+            return ", ".join(xs[:20]) + (f" ... (+{len(xs) - 20})" if len(xs) > 20 else "")
+        raise ValueError(
+            f"checkpoint does not match {type(model).__name__}: "
+            f"missing keys [{fmt(missing)}]; unexpected keys [{fmt(unexpected)}]; shape mismatches [{fmt(shapes)}]")
+
+
+def cfg(url: str = "", **kwargs) -> Dict[str, Any]:
+    """ImageNet-1k defaults shared by the families' ``_cfg``."""
+    return {
+        "url": url, "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
+        "crop_pct": 0.875, "interpolation": "bilinear", "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
+        **kwargs,
+    }

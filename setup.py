@@ -1,0 +1,24 @@
+from setuptools import find_packages, setup
+
+MM = [
+    "mmengine==0.10.7", "mmcv-lite==2.1.0", "mmdet==3.3.0", "mmsegmentation==1.2.2",
+    "pycocotools", "ftfy", "regex", "setuptools<81",
+]
+TEST = ["pytest", "pytest-xdist", "hypothesis"]
+
+setup(
+    name="attnzoo",
+    version="0.1.0",
+    description="Attention backbones for computer vision: fast ops, paper-faithful timm models",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["attnzoo", "attnzoo.*"]),
+    python_requires=">=3.9",
+    install_requires=[
+        "torch", "torchvision", "timm>=1.0.15", "safetensors", "tqdm",
+        "scikit-learn",  # ships the digits set that train/validate use by default
+        "matplotlib",  # training curves
+    ],
+    extras_require={"mm": MM, "test": TEST, "all": MM + TEST},
+    license="MIT",
+)
