@@ -1,0 +1,11 @@
+import pytest
+import torch
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: long-running sweeps; run with -m slow")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
