@@ -63,8 +63,8 @@ def test_cpu_matches_reference(op, shape, dtype, channels_last):
             assert _rel_err(a, b) < TOL[dtype] * (10 if dtype == torch.bfloat16 else 1), f"grad {i}"
 
 
-@pytest.mark.parametrize("impl", [reference, cpu], ids=["reference", "cpu"])
-def test_primitives_gradcheck(impl):
+def test_reference_primitives_gradcheck():
+    impl = reference
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 5, 4, 3, dtype=torch.float64, generator=g, requires_grad=True)
     cs = torch.rand(2, 5, dtype=torch.float64, generator=g).add(0.5).requires_grad_()
@@ -78,12 +78,36 @@ def test_primitives_gradcheck(impl):
     assert torch.autograd.gradcheck(lambda a, s: impl.gate_scale(a, None, s), (x, ss))
 
 
-def test_public_ops_gradcheck():
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_public_ops_gradcheck(backend):
     mlp, conv, w = _gate_fns(6, torch.float64)
     conv.eval()
     x = torch.randn(2, 6, 5, 4, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda a: gate.cbam_gate(a, mlp, conv, backend="reference"), (x,))
-    assert torch.autograd.gradcheck(lambda a, k: gate.eca_gate(a, k, backend="reference"), (x, w))
+    assert torch.autograd.gradcheck(lambda a: gate.cbam_gate(a, mlp, conv, backend=backend), (x,))
+    assert torch.autograd.gradcheck(lambda a: gate.channel_gate(a, mlp, backend=backend), (x,))
+    assert torch.autograd.gradcheck(lambda a: gate.spatial_gate(a, conv, backend=backend), (x,))
+    assert torch.autograd.gradcheck(lambda a, k: gate.eca_gate(a, k, backend=backend), (x, w))
+
+
+def test_bn_statistics_update_once():
+    """The fused backward reuses the forward's gate graph, so BN running stats move once per step."""
+    mlp, conv, _ = _gate_fns(6, torch.float32)
+    x = torch.randn(2, 6, 5, 4, requires_grad=True)
+    stats = {}
+    for backend in ("reference", "cpu"):
+        conv[1].reset_running_stats()
+        gate.cbam_gate(x, mlp, conv, backend=backend).sum().backward()
+        stats[backend] = (conv[1].running_mean.clone(), conv[1].num_batches_tracked.item())
+    torch.testing.assert_close(stats["cpu"][0], stats["reference"][0])
+    assert stats["cpu"][1] == stats["reference"][1] == 1
+
+
+def test_no_grad_path_matches():
+    mlp, conv, _ = _gate_fns(6, torch.float32)
+    x = torch.randn(2, 6, 5, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(gate.cbam_gate(x, mlp, conv, backend="cpu"),
+                                   gate.cbam_gate(x, mlp, conv, backend="reference"))
 
 
 def test_cbam_is_channel_then_spatial():
@@ -97,7 +121,7 @@ def test_cbam_is_channel_then_spatial():
 
 def test_spatial_pool_order_is_max_then_mean():
     x = torch.randn(1, 4, 3, 3)
-    p = gate.cpu.spatial_pool(x)
+    p, _ = cpu.pool_spatial(x, None)
     torch.testing.assert_close(p[:, 0], x.amax(1))
     torch.testing.assert_close(p[:, 1], x.mean(1))
 

@@ -1,19 +1,27 @@
 """Channel and spatial gates: CBAM (Woo et al. 2018) and ECA (Wang et al. 2020).
 
-A gate multiplies a feature map by a sigmoid of something computed from pooled
-statistics. The pooling and the final scaling are memory-bound passes over the
-full map; those are the backend primitives (see ``reference.py``). The small
-learned part (CBAM's MLP, ECA's 1-D conv, CBAM's 7x7 conv + BN) acts on pooled
-tensors only, so it is passed in as a callable and runs under ordinary autograd.
+A gate multiplies a feature map by the sigmoid of something computed from
+pooled statistics. Pooling and scaling are memory-bound passes over the full
+map; the learned part (CBAM's MLP, ECA's 1-D conv, CBAM's 7x7 conv + BN) only
+sees pooled tensors, so it is passed in as a callable.
 
-The fused CBAM path reads the input three times and writes it once: channel
-pool, spatial pool of ``x * channel_scale`` without materialising it, and one
-scale by both gates.
+Backends:
+- ``reference``: the readable composition under autograd (``reference.py``), the oracle.
+- ``cpu`` / ``triton``: raw passes (``cpu.py``, ``triton.py``) driven by one
+  autograd Function, ``_FusedGate``. Forward reads the map for the channel pool,
+  reads it for the spatial pool of ``x * channel_scale`` (never written) and
+  writes the output once. Backward keeps the small gate graphs from the forward
+  (so BN statistics update once) and needs three passes: the two scale
+  reductions of ``dy * x``, the channel-scale term of the spatial pool, and one
+  write of ``dx`` that sums every path.
 """
-from typing import Callable, Optional
+import contextlib
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
 
 from .. import _dispatch
 from . import cpu, reference
@@ -21,6 +29,8 @@ from . import cpu, reference
 __all__ = ["channel_gate", "spatial_gate", "cbam_gate", "eca_gate", "BACKENDS"]
 
 BACKENDS = _dispatch.standard_backends(reference, cpu, __name__ + ".triton")
+
+GateFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 def _check_map(op: str, x: torch.Tensor) -> None:
@@ -36,73 +46,133 @@ def _check_out(op: str, name: str, t: torch.Tensor, shape) -> None:
         raise ValueError(f"{op}: {name} returned shape {tuple(t.shape)}, expected {tuple(shape)}")
 
 
-def _channel_scale(op, impl, x, gate_fn, use_max):
-    B, C = x.shape[:2]
-    avg, mx = impl.channel_pool(x, use_max)
+def _channel_logits(op, gate_fn, avg, mx):
     # one call of the learned gate on [avg; max] instead of two
     pooled = avg if mx is None else torch.cat([avg, mx], dim=0)
     logits = gate_fn(pooled)
     _check_out(op, "gate_fn", logits, pooled.shape)
-    if mx is not None:
-        logits = logits[:B] + logits[B:]
-    return torch.sigmoid(logits)
+    return logits if mx is None else logits[: avg.shape[0]] + logits[avg.shape[0]:]
 
 
-def _spatial_scale(op, impl, x, gate_fn, cscale=None):
-    B, _, H, W = x.shape
-    logits = gate_fn(impl.spatial_pool(x, cscale))
+def _spatial_logits(op, gate_fn, pooled):
+    B, _, H, W = pooled.shape
+    logits = gate_fn(pooled)
     _check_out(op, "spatial_fn", logits, (B, 1, H, W))
-    return torch.sigmoid(logits[:, 0])
+    return logits[:, 0]
 
 
-def channel_gate(
-        x: torch.Tensor,
-        gate_fn: Callable[[torch.Tensor], torch.Tensor],
-        use_max: bool = True,
-        backend: Optional[str] = None,
-) -> torch.Tensor:
+def _reference(op, x, channel_fn, use_max, spatial_fn):
+    cs = ss = None
+    if channel_fn is not None:
+        cs = torch.sigmoid(_channel_logits(op, channel_fn, *reference.channel_pool(x, use_max)))
+    if spatial_fn is not None:
+        ss = torch.sigmoid(_spatial_logits(op, spatial_fn, reference.spatial_pool(x, cs)))
+    return reference.gate_scale(x, cs, ss)
+
+
+class _NoCtx:
+    """Stands in for ``ctx`` when nothing needs a gradient: keeps no graph, saves nothing."""
+
+    def save_for_backward(self, *tensors):
+        pass
+
+
+class _FusedGate(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, kernels, op, channel_fn, use_max, spatial_fn, n_channel_params, *params):
+        B = x.shape[0]
+        cs = ss = cidx = sidx = None
+        ctx.saved_params = params
+        ctx.pooled_c = ctx.cs_graph = ctx.pooled_s = ctx.ss_graph = None
+        # The small gate graphs are built here and kept for backward (retained, so a
+        # retain_graph backward can run twice; they die with ctx). Not under no_grad.
+        with torch.enable_grad() if not isinstance(ctx, _NoCtx) else contextlib.nullcontext():
+            if channel_fn is not None:
+                avg, mx, cidx = kernels.pool_channels(x, use_max)
+                ctx.pooled_c = torch.cat([avg, mx]) if mx is not None else avg
+                ctx.pooled_c = ctx.pooled_c.detach().requires_grad_()
+                avg_l, mx_l = (ctx.pooled_c[:B], ctx.pooled_c[B:]) if mx is not None else (ctx.pooled_c, None)
+                ctx.cs_graph = torch.sigmoid(_channel_logits(op, channel_fn, avg_l, mx_l))
+                cs = ctx.cs_graph.detach()
+            if spatial_fn is not None:
+                pooled, sidx = kernels.pool_spatial(x, cs)
+                ctx.pooled_s = pooled.detach().requires_grad_()
+                ctx.ss_graph = torch.sigmoid(_spatial_logits(op, spatial_fn, ctx.pooled_s))
+                ss = ctx.ss_graph.detach()
+        ctx.kernels, ctx.use_max, ctx.n_channel_params = kernels, use_max, n_channel_params
+        ctx.save_for_backward(x, cs, ss, cidx, sidx)
+        return kernels.scale(x, cs, ss)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, cs, ss, cidx, sidx = ctx.saved_tensors
+        k, B = ctx.kernels, x.shape[0]
+        params = ctx.saved_params
+        ch_params, sp_params = params[:ctx.n_channel_params], params[ctx.n_channel_params:]
+        dy = dy.contiguous() if not (dy.is_contiguous() or dy.is_contiguous(memory_format=torch.channels_last)) else dy
+        dcs, dss = k.scale_grads(dy, x, cs, ss, cs is not None, ss is not None)
+        d_params_c, d_params_s = [None] * len(ch_params), [None] * len(sp_params)
+        dpooled_s = davg = dmax = None
+        if ss is not None:
+            dpooled_s, *d_params_s = torch.autograd.grad(
+                ctx.ss_graph, [ctx.pooled_s, *sp_params], dss, allow_unused=True, retain_graph=True)
+            if cs is not None:
+                dcs = dcs + k.pool_spatial_cs_grad(x, dpooled_s, sidx)
+        if cs is not None:
+            dpooled_c, *d_params_c = torch.autograd.grad(
+                ctx.cs_graph, [ctx.pooled_c, *ch_params], dcs, allow_unused=True, retain_graph=True)
+            davg, dmax = (dpooled_c[:B], dpooled_c[B:]) if ctx.use_max else (dpooled_c, None)
+        dx = k.input_grad(dy, cs, ss, davg, dmax, cidx, dpooled_s, sidx)
+        return (dx, None, None, None, None, None, None, *d_params_c, *d_params_s)
+
+
+def _trainable(fn, extra: Sequence[torch.Tensor] = ()) -> list:
+    params = list(fn.parameters()) if isinstance(fn, nn.Module) else []
+    return [p for p in params + list(extra) if p.requires_grad]
+
+
+def _gate(op, x, channel_fn, use_max, spatial_fn, backend, channel_params=(), spatial_params=()):
+    _check_map(op, x)
+    chosen = _dispatch.choose_backend(op, BACKENDS, [x], backend)
+    if chosen.name == "reference":
+        return _reference(op, x, channel_fn, use_max, spatial_fn)
+    ch = _trainable(channel_fn, channel_params) if channel_fn is not None else []
+    sp = _trainable(spatial_fn, spatial_params) if spatial_fn is not None else []
+    if not torch.is_grad_enabled() or not (x.requires_grad or ch or sp):
+        with torch.no_grad():
+            return _FusedGate.forward(_NoCtx(), x, chosen.impl, op, channel_fn, use_max, spatial_fn, len(ch))
+    return _FusedGate.apply(x, chosen.impl, op, channel_fn, use_max, spatial_fn, len(ch), *ch, *sp)
+
+
+
+def channel_gate(x: torch.Tensor, gate_fn: GateFn, use_max: bool = True, backend: Optional[str] = None,
+                 params: Sequence[torch.Tensor] = ()) -> torch.Tensor:
     """``x * sigmoid(gate_fn(avgpool(x)) + gate_fn(maxpool(x)))``.
 
     Args:
         x: ``[B, C, H, W]``.
-        gate_fn: maps pooled ``[N, C]`` to logits ``[N, C]`` (CBAM's shared MLP).
+        gate_fn: maps pooled ``[N, C]`` to logits ``[N, C]`` (CBAM's shared MLP). Its
+            trainable tensors are found when it is an ``nn.Module``; otherwise pass them in ``params``.
         use_max: add the max-pooled branch (CBAM); without it this is an SE/ECA-style gate.
         backend: ``"reference" | "cpu" | "triton"``; default: the best that can run.
     """
-    _check_map("channel_gate", x)
-    impl = _dispatch.choose_backend("channel_gate", BACKENDS, [x], backend).impl
-    cscale = _channel_scale("channel_gate", impl, x, gate_fn, use_max)
-    return impl.gate_scale(x, cscale, None)
+    return _gate("channel_gate", x, gate_fn, use_max, None, backend, channel_params=params)
 
 
-def spatial_gate(
-        x: torch.Tensor,
-        gate_fn: Callable[[torch.Tensor], torch.Tensor],
-        backend: Optional[str] = None,
-) -> torch.Tensor:
+def spatial_gate(x: torch.Tensor, gate_fn: GateFn, backend: Optional[str] = None,
+                 params: Sequence[torch.Tensor] = ()) -> torch.Tensor:
     """``x * sigmoid(gate_fn([max_c(x), mean_c(x)]))``; ``gate_fn``: ``[B, 2, H, W] -> [B, 1, H, W]``."""
-    _check_map("spatial_gate", x)
-    impl = _dispatch.choose_backend("spatial_gate", BACKENDS, [x], backend).impl
-    return impl.gate_scale(x, None, _spatial_scale("spatial_gate", impl, x, gate_fn))
+    return _gate("spatial_gate", x, None, True, gate_fn, backend, spatial_params=params)
 
 
-def cbam_gate(
-        x: torch.Tensor,
-        channel_fn: Callable[[torch.Tensor], torch.Tensor],
-        spatial_fn: Callable[[torch.Tensor], torch.Tensor],
-        backend: Optional[str] = None,
-) -> torch.Tensor:
-    """CBAM: the channel gate followed by the spatial gate, fused.
+def cbam_gate(x: torch.Tensor, channel_fn: GateFn, spatial_fn: GateFn, backend: Optional[str] = None) -> torch.Tensor:
+    """CBAM: the channel gate followed by the spatial gate.
 
-    Equal to ``spatial_gate(channel_gate(x, channel_fn), spatial_fn)`` but the
-    channel-gated map is never written: the spatial pool reads ``x`` and the
-    channel scale, and one final pass applies both scales.
+    Equal to ``spatial_gate(channel_gate(x, channel_fn), spatial_fn)``; the
+    fused backends never write the channel-gated map.
     """
-    _check_map("cbam_gate", x)
-    impl = _dispatch.choose_backend("cbam_gate", BACKENDS, [x], backend).impl
-    cscale = _channel_scale("cbam_gate", impl, x, channel_fn, True)
-    sscale = _spatial_scale("cbam_gate", impl, x, spatial_fn, cscale)
-    return impl.gate_scale(x, cscale, sscale)
+    return _gate("cbam_gate", x, channel_fn, True, spatial_fn, backend)
 
 
 def eca_gate(x: torch.Tensor, weight: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
@@ -119,4 +189,4 @@ def eca_gate(x: torch.Tensor, weight: torch.Tensor, backend: Optional[str] = Non
     def conv(pooled):
         return F.conv1d(pooled.unsqueeze(1), weight.to(pooled.dtype), padding=weight.shape[2] // 2).squeeze(1)
 
-    return channel_gate(x, conv, use_max=False, backend=backend)
+    return _gate("eca_gate", x, conv, False, None, backend, channel_params=(weight,))

@@ -1,103 +1,103 @@
-"""CPU fast path for the gate primitives.
+"""CPU fast path: the raw passes behind the fused gate Function in ``__init__``.
 
-Autograd through the reference keeps ``x * cscale`` alive for the backward and
-builds several full-size temporaries (the amax tie mask, per-factor products).
-These Functions save only the inputs and write each gradient in as few passes
-as torch allows: reductions go through ``bmm`` instead of a product followed by
-a sum, and the max gradient is a scatter into the average gradient's buffer.
+Each function is one or two memory-bound passes written with torch ops, and no
+autograd: the Function owns the backward. Reductions weighted by a per-batch
+vector are matrix-vector products (a loop of ``mv``: ``bmm`` with a vector
+operand is several times slower on CPU), max gradients are scatters through the
+argmax, and the input gradient is built in place in one buffer. Fresh full-size
+buffers are what cost most on CPU (page faults), so the backward allocates two.
 """
 from typing import Optional, Tuple
 
 import torch
 
-
-class _ChannelPool(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, with_max: bool):
-        B, C, H, W = x.shape
-        flat = x.reshape(B, C, H * W)
-        avg = flat.mean(-1)
-        if not with_max:
-            ctx.save_for_backward(None)
-            ctx.shape = x.shape
-            return avg, None
-        mx, idx = flat.max(-1)
-        ctx.save_for_backward(idx)
-        ctx.shape = x.shape
-        ctx.mark_non_differentiable(idx)
-        return avg, mx
-
-    @staticmethod
-    def backward(ctx, davg, dmax):
-        (idx,) = ctx.saved_tensors
-        B, C, H, W = ctx.shape
-        dx = (davg / (H * W)).unsqueeze(-1).expand(B, C, H * W).contiguous()
-        if dmax is not None and idx is not None:
-            dx.scatter_add_(-1, idx.unsqueeze(-1), dmax.unsqueeze(-1).to(dx.dtype))
-        return dx.view(B, C, H, W), None
+Tensor = torch.Tensor
 
 
-class _SpatialPool(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, cscale: Optional[torch.Tensor]):
-        xs = x if cscale is None else x * cscale[:, :, None, None]
-        mx, idx = xs.max(dim=1)
-        mean = xs.mean(dim=1)
-        ctx.save_for_backward(x, cscale, idx)
-        return torch.stack([mx, mean], dim=1)
-
-    @staticmethod
-    def backward(ctx, dout):
-        x, cscale, idx = ctx.saved_tensors
-        C = x.shape[1]
-        # d(xs) = dmean / C everywhere plus dmax at the argmax channel
-        dxs = (dout[:, 1:2] / C).expand_as(x).contiguous()
-        dxs.scatter_add_(1, idx.unsqueeze(1), dout[:, 0:1])
-        if cscale is None:
-            return dxs, None
-        dcs = None
-        if ctx.needs_input_grad[1]:
-            B, _, H, W = x.shape
-            dcs = torch.bmm(dxs.view(B, C, 1, H * W).flatten(0, 1), x.reshape(B * C, H * W, 1)).view(B, C)
-        return dxs.mul_(cscale[:, :, None, None]), dcs
+def _flat(x: Tensor) -> Tensor:
+    B, C, H, W = x.shape
+    return x.reshape(B, C, H * W)
 
 
-class _GateScale(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, cscale, sscale):
-        ctx.save_for_backward(x, cscale, sscale)
-        if cscale is not None and sscale is not None:
-            return x * cscale[:, :, None, None] * sscale[:, None]
-        if cscale is not None:
-            return x * cscale[:, :, None, None]
-        return x * sscale[:, None]
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, cscale, sscale = ctx.saved_tensors
-        B, C, H, W = x.shape
-        dx = dcs = dss = None
-        # t = dy * sscale, shared by dx and dcs
-        t = dy if sscale is None else dy * sscale[:, None]
-        if ctx.needs_input_grad[1] and cscale is not None:
-            dcs = torch.bmm(t.reshape(B * C, 1, H * W), x.reshape(B * C, H * W, 1)).view(B, C)
-        if ctx.needs_input_grad[2] and sscale is not None:
-            # sum_c dy * x * cscale, as one batched matvec over channels
-            p = dy * x
-            w = cscale if cscale is not None else torch.ones(B, C, dtype=x.dtype, device=x.device)
-            dss = torch.bmm(w.view(B, 1, C).to(p.dtype), p.reshape(B, C, H * W)).view(B, H, W)
-        if ctx.needs_input_grad[0]:
-            dx = t * cscale[:, :, None, None] if cscale is not None else t.clone() if t is dy else t
-        return dx, dcs, dss
+def _bmv(mat: Tensor, vec: Tensor) -> Tensor:
+    """[B, M, N] @ [B, N] -> [B, M]"""
+    return torch.stack([torch.mv(m, v) for m, v in zip(mat, vec.to(mat.dtype))])
 
 
-def channel_pool(x: torch.Tensor, with_max: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    return _ChannelPool.apply(x, with_max)
+def pool_channels(x: Tensor, with_max: bool) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    flat = _flat(x)
+    avg = flat.mean(-1)
+    if not with_max:
+        return avg, None, None
+    mx, idx = flat.max(-1)
+    return avg, mx, idx
 
 
-def spatial_pool(x: torch.Tensor, cscale: Optional[torch.Tensor] = None) -> torch.Tensor:
-    return _SpatialPool.apply(x, cscale)
+def pool_spatial(x: Tensor, cscale: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    B, C, H, W = x.shape
+    flat = _flat(x)
+    if cscale is None:
+        mx, idx = flat.max(dim=1)
+        mean = flat.mean(dim=1)
+    else:
+        mx, idx = (flat * cscale.unsqueeze(-1).to(x.dtype)).max(dim=1)
+        mean = torch.bmm(cscale.unsqueeze(1).to(x.dtype), flat).squeeze(1) / C
+    return torch.stack([mx, mean], dim=1).view(B, 2, H, W), idx
 
 
-def gate_scale(x, cscale=None, sscale=None):
-    return _GateScale.apply(x, cscale, sscale)
+def scale(x: Tensor, cscale: Optional[Tensor], sscale: Optional[Tensor]) -> Tensor:
+    y = x * cscale[:, :, None, None].to(x.dtype) if cscale is not None else x * sscale[:, None].to(x.dtype)
+    if cscale is not None and sscale is not None:
+        y.mul_(sscale[:, None].to(x.dtype))
+    return y
+
+
+def scale_grads(dy: Tensor, x: Tensor, cscale: Optional[Tensor], sscale: Optional[Tensor],
+                need_cs: bool, need_ss: bool) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """dcs = sum_hw dy * x * sscale, dss = sum_c dy * x * cscale."""
+    B, C, H, W = x.shape
+    p = _flat(dy * x)
+    dcs = dss = None
+    if need_cs:
+        dcs = p.sum(-1) if sscale is None else _bmv(p, sscale.reshape(B, H * W))
+    if need_ss:
+        dss = (p.sum(1) if cscale is None else torch.bmm(cscale.unsqueeze(1).to(p.dtype), p).squeeze(1)).view(B, H, W)
+    return dcs, dss
+
+
+def pool_spatial_cs_grad(x: Tensor, dpooled: Tensor, idx: Tensor) -> Tensor:
+    """Gradient of ``pool_spatial(x, cs)`` w.r.t. cs: sum_hw x * (dmean / C + [c == argmax] dmax)."""
+    B, C, H, W = x.shape
+    flat = _flat(x)
+    d = dpooled.reshape(B, 2, H * W).to(x.dtype)
+    dcs = _bmv(flat, d[:, 1] / C)
+    return dcs.scatter_add_(1, idx, flat.gather(1, idx.unsqueeze(1)).squeeze(1) * d[:, 0])
+
+
+def input_grad(dy: Tensor, cscale: Optional[Tensor], sscale: Optional[Tensor],
+               davg: Optional[Tensor], dmax: Optional[Tensor], cidx: Optional[Tensor],
+               dpooled: Optional[Tensor], sidx: Optional[Tensor]) -> Tensor:
+    """dx = dy*cs*ss + cs*(dmean_s/C + [c == sidx] dmax_s) + davg/HW + [hw == cidx] dmax_c, in one buffer."""
+    B, C, H, W = dy.shape
+    HW = H * W
+    dx = scale(dy, cscale, sscale)
+    flat = dx.view(B, C, HW) if dx.is_contiguous() else None
+    if flat is None:
+        dx = dx.contiguous()
+        flat = dx.view(B, C, HW)
+    cs = cscale.to(dy.dtype) if cscale is not None else torch.ones(B, C, dtype=dy.dtype, device=dy.device)
+    # the rank-2 part, cs ⊗ dmean_s/C + davg/HW ⊗ 1, as one in-place batched matmul
+    left, right = [], []
+    if dpooled is not None:
+        d = dpooled.reshape(B, 2, HW).to(dy.dtype)
+        left.append(cs)
+        right.append(d[:, 1] / C)
+        flat.scatter_add_(1, sidx.unsqueeze(1), (cs.gather(1, sidx) * d[:, 0]).unsqueeze(1))
+    if davg is not None:
+        left.append(davg.to(dy.dtype) / HW)
+        right.append(torch.ones(B, HW, dtype=dy.dtype, device=dy.device))
+    if left:
+        flat.baddbmm_(torch.stack(left, -1), torch.stack(right, 1))
+    if dmax is not None:
+        flat.scatter_add_(2, cidx.unsqueeze(-1), dmax.to(dy.dtype).unsqueeze(-1))
+    return dx

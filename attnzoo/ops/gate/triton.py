@@ -1,14 +1,21 @@
-"""Triton kernels for the gate primitives, forward and backward.
+"""Triton kernels for the gate op, forward and backward.
 
-Same primitives and semantics as ``reference.py``. Every kernel sees a feature
-map as ``[B, C, HW]`` plus its three strides, so NCHW and channels_last inputs
-are read in place; only a map whose H and W cannot merge into one stride is
-copied. Arithmetic runs in fp32 (fp64 for fp64 inputs) and outputs keep the
-input's dtype. The two max reductions save an int32 argmax, so their backward
-passes read no activations.
+Two layers share the kernels:
 
-Layers, as in flash-linear-attention: ``@triton.jit`` kernels, host launchers,
-``torch.autograd.Function``s, public functions.
+- the raw passes that ``__init__``'s fused gate Function drives, with the same
+  contract as ``cpu.py``: ``pool_channels``, ``pool_spatial``, ``scale``,
+  ``scale_grads``, ``pool_spatial_cs_grad``, ``input_grad``;
+- the primitives of ``reference.py`` as differentiable Functions:
+  ``channel_pool``, ``spatial_pool``, ``gate_scale``.
+
+Every kernel sees a feature map as ``[B, C, HW]`` plus its three strides, so NCHW
+and channels_last maps are read in place; only a map whose H and W cannot merge
+into one stride is copied. Arithmetic runs in fp32 (fp64 for fp64 maps) and
+outputs keep the map's dtype. The max reductions return an int32 argmax, so
+their gradients need no second look at the activations.
+
+Layers, as in flash-linear-attention: ``@triton.jit`` kernels, host launchers
+(the raw passes), ``torch.autograd.Function``s, public functions.
 """
 from typing import Optional, Tuple
 
@@ -16,7 +23,10 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["channel_pool", "spatial_pool", "gate_scale"]
+__all__ = [
+    "channel_pool", "spatial_pool", "gate_scale",
+    "pool_channels", "pool_spatial", "scale", "scale_grads", "pool_spatial_cs_grad", "input_grad",
+]
 
 
 # --------------------------------------------------------------------------- kernels
@@ -56,31 +66,6 @@ def _channel_pool_fwd_kernel(
 
 
 @triton.jit
-def _channel_pool_bwd_kernel(
-        davg_ptr, dmax_ptr, idx_ptr, dx_ptr,
-        C, HW, sdb, sdc, sdhw,
-        HAS_AVG: tl.constexpr, HAS_MAX: tl.constexpr, ACC: tl.constexpr,
-        BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
-):
-    pid_s, pid_c = tl.program_id(0), tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    offs_s = pid_s * BLOCK_HW + tl.arange(0, BLOCK_HW)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
-    mask = mask_c[:, None] & (offs_s[None, :] < HW)
-    g = tl.zeros([BLOCK_C, BLOCK_HW], dtype=ACC)
-    if HAS_AVG:
-        davg = tl.load(davg_ptr + b * C + offs_c, mask=mask_c, other=0.0).to(ACC)
-        g += davg[:, None] / HW
-    if HAS_MAX:
-        dmax = tl.load(dmax_ptr + b * C + offs_c, mask=mask_c, other=0.0).to(ACC)
-        idx = tl.load(idx_ptr + b * C + offs_c, mask=mask_c, other=-1)
-        g += tl.where(offs_s[None, :] == idx[:, None], dmax[:, None], 0.0)
-    dx = dx_ptr + b * sdb + offs_c[:, None] * sdc + offs_s[None, :] * sdhw
-    tl.store(dx, g.to(dx_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
 def _spatial_pool_fwd_kernel(
         x_ptr, cs_ptr, out_ptr, idx_ptr,
         C, HW, sxb, sxc, sxhw,
@@ -115,11 +100,10 @@ def _spatial_pool_fwd_kernel(
 
 
 @triton.jit
-def _spatial_pool_bwd_kernel(
-        x_ptr, cs_ptr, dout_ptr, idx_ptr, dx_ptr, dcs_ptr,
-        C, HW, sxb, sxc, sxhw, sdb, sdc, sdhw,
-        HAS_CS: tl.constexpr, NEED_DX: tl.constexpr, NEED_DCS: tl.constexpr, ACC: tl.constexpr,
-        BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+def _spatial_cs_grad_kernel(
+        x_ptr, dpool_ptr, idx_ptr, dcs_ptr,
+        C, HW, sxb, sxc, sxhw,
+        ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     pid_s, pid_c = tl.program_id(0), tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -128,22 +112,13 @@ def _spatial_pool_bwd_kernel(
     mask_s = offs_s < HW
     mask_c = offs_c < C
     mask = mask_c[:, None] & mask_s[None, :]
-    dmax = tl.load(dout_ptr + b * 2 * HW + offs_s, mask=mask_s, other=0.0).to(ACC)
-    dmean = tl.load(dout_ptr + b * 2 * HW + HW + offs_s, mask=mask_s, other=0.0).to(ACC)
+    dmax = tl.load(dpool_ptr + b * 2 * HW + offs_s, mask=mask_s, other=0.0).to(ACC)
+    dmean = tl.load(dpool_ptr + b * 2 * HW + HW + offs_s, mask=mask_s, other=0.0).to(ACC)
     idx = tl.load(idx_ptr + b * HW + offs_s, mask=mask_s, other=-1)
-    # gradient w.r.t. the scaled map x * cscale
+    # gradient w.r.t. the scaled map x * cscale; its product with x, summed over pixels
     g = dmean[None, :] / C + tl.where(offs_c[:, None] == idx[None, :], dmax[None, :], 0.0)
-    if HAS_CS:
-        cs = tl.load(cs_ptr + b * C + offs_c, mask=mask_c, other=0.0).to(ACC)
-    if NEED_DX:
-        dx = g
-        if HAS_CS:
-            dx = dx * cs[:, None]
-        dx_ptrs = dx_ptr + b * sdb + offs_c[:, None] * sdc + offs_s[None, :] * sdhw
-        tl.store(dx_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-    if NEED_DCS:
-        x = tl.load(x_ptr + b * sxb + offs_c[:, None] * sxc + offs_s[None, :] * sxhw, mask=mask, other=0.0)
-        tl.atomic_add(dcs_ptr + b * C + offs_c, tl.sum(x.to(ACC) * g, axis=1), mask=mask_c)
+    x = tl.load(x_ptr + b * sxb + offs_c[:, None] * sxc + offs_s[None, :] * sxhw, mask=mask, other=0.0)
+    tl.atomic_add(dcs_ptr + b * C + offs_c, tl.sum(x.to(ACC) * g, axis=1), mask=mask_c)
 
 
 @triton.jit
@@ -213,6 +188,49 @@ def _gate_scale_bwd_kernel(
             tl.atomic_add(dss_ptr + b * HW + offs_s, tl.sum(r, axis=0), mask=mask_s)
 
 
+@triton.jit
+def _input_grad_kernel(
+        dy_ptr, cs_ptr, ss_ptr, davg_ptr, dmax_ptr, cidx_ptr, dpool_ptr, sidx_ptr, dx_ptr,
+        C, HW, sgb, sgc, sghw, sdb, sdc, sdhw,
+        HAS_DY: tl.constexpr, HAS_CS: tl.constexpr, HAS_SS: tl.constexpr,
+        HAS_AVG: tl.constexpr, HAS_CMAX: tl.constexpr, HAS_SPOOL: tl.constexpr,
+        ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+):
+    """dx = cs * (dy * ss + dmean_s / C + [c == sidx] dmax_s) + davg / HW + [hw == cidx] dmax_c.
+
+    Every path into x summed in registers, so dx is written once.
+    """
+    pid_s, pid_c = tl.program_id(0), tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    offs_s = pid_s * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_s = offs_s < HW
+    mask_c = offs_c < C
+    mask = mask_c[:, None] & mask_s[None, :]
+    g = tl.zeros([BLOCK_C, BLOCK_HW], dtype=ACC)
+    if HAS_DY:
+        t = tl.load(dy_ptr + b * sgb + offs_c[:, None] * sgc + offs_s[None, :] * sghw, mask=mask, other=0.0).to(ACC)
+        if HAS_SS:
+            t = t * tl.load(ss_ptr + b * HW + offs_s, mask=mask_s, other=0.0).to(ACC)[None, :]
+        g += t
+    if HAS_SPOOL:
+        dmax_s = tl.load(dpool_ptr + b * 2 * HW + offs_s, mask=mask_s, other=0.0).to(ACC)
+        dmean_s = tl.load(dpool_ptr + b * 2 * HW + HW + offs_s, mask=mask_s, other=0.0).to(ACC)
+        sidx = tl.load(sidx_ptr + b * HW + offs_s, mask=mask_s, other=-1)
+        g += dmean_s[None, :] / C + tl.where(offs_c[:, None] == sidx[None, :], dmax_s[None, :], 0.0)
+    if HAS_CS:
+        # the output and the spatial pool both see x through cscale
+        g = g * tl.load(cs_ptr + b * C + offs_c, mask=mask_c, other=0.0).to(ACC)[:, None]
+    if HAS_AVG:
+        g += tl.load(davg_ptr + b * C + offs_c, mask=mask_c, other=0.0).to(ACC)[:, None] / HW
+    if HAS_CMAX:
+        dmax_c = tl.load(dmax_ptr + b * C + offs_c, mask=mask_c, other=0.0).to(ACC)
+        cidx = tl.load(cidx_ptr + b * C + offs_c, mask=mask_c, other=-1)
+        g += tl.where(offs_s[None, :] == cidx[:, None], dmax_c[:, None], 0.0)
+    dx = dx_ptr + b * sdb + offs_c[:, None] * sdc + offs_s[None, :] * sdhw
+    tl.store(dx, g.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
 # --------------------------------------------------------------------------- launchers
 
 def _acc_dtype(dtype: torch.dtype):
@@ -248,204 +266,3 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
     return torch.channels_last
 
 
-def _channel_pool_fwd(x, with_max):
-    B, C, H, W = x.shape
-    HW = H * W
-    x, sx = _flat(x)
-    acc, _ = _acc_dtype(x.dtype)
-    avg = torch.empty(B, C, dtype=x.dtype, device=x.device)
-    mx = torch.empty(B, C, dtype=x.dtype, device=x.device) if with_max else None
-    idx = torch.empty(B, C, dtype=torch.int32, device=x.device) if with_max else None
-    bc, bhw = _tile(C, HW)
-    _channel_pool_fwd_kernel[(triton.cdiv(C, bc), B)](
-        x, avg, mx, idx, C, HW, *sx,
-        WITH_MAX=with_max, ACC=acc, BLOCK_C=bc, BLOCK_HW=bhw,
-    )
-    return avg, mx, idx
-
-
-def _channel_pool_bwd(davg, dmax, idx, shape, dtype, memory_format):
-    B, C, H, W = shape
-    HW = H * W
-    ref = davg if davg is not None else dmax
-    dx = torch.empty(shape, dtype=dtype, device=ref.device, memory_format=memory_format)
-    _, sd = _flat(dx)
-    acc, _ = _acc_dtype(dtype)
-    bc, bhw = _tile(C, HW)
-    _channel_pool_bwd_kernel[(triton.cdiv(HW, bhw), triton.cdiv(C, bc), B)](
-        None if davg is None else davg.contiguous(),
-        None if dmax is None else dmax.contiguous(),
-        idx, dx, C, HW, *sd,
-        HAS_AVG=davg is not None, HAS_MAX=dmax is not None, ACC=acc, BLOCK_C=bc, BLOCK_HW=bhw,
-    )
-    return dx
-
-
-def _spatial_pool_fwd(x, cscale):
-    B, C, H, W = x.shape
-    HW = H * W
-    x, sx = _flat(x)
-    acc, _ = _acc_dtype(x.dtype)
-    out = torch.empty(B, 2, H, W, dtype=x.dtype, device=x.device)
-    idx = torch.empty(B, HW, dtype=torch.int32, device=x.device)
-    bc, bhw = _tile(C, HW)
-    _spatial_pool_fwd_kernel[(triton.cdiv(HW, bhw), B)](
-        x, cscale, out, idx, C, HW, *sx,
-        HAS_CS=cscale is not None, ACC=acc, BLOCK_C=bc, BLOCK_HW=bhw,
-    )
-    return out, idx
-
-
-def _spatial_pool_bwd(x, cscale, idx, dout, need_dx, need_dcs):
-    B, C, H, W = x.shape
-    HW = H * W
-    x, sx = _flat(x)
-    acc, acc_torch = _acc_dtype(x.dtype)
-    dx = torch.empty_like(x, memory_format=_memory_format(x)) if need_dx else None
-    dcs = torch.zeros(B, C, dtype=acc_torch, device=x.device) if need_dcs else None
-    sd = _flat(dx)[1] if need_dx else (0, 0, 0)
-    bc, bhw = _tile(C, HW)
-    _spatial_pool_bwd_kernel[(triton.cdiv(HW, bhw), triton.cdiv(C, bc), B)](
-        x, cscale, dout.reshape(B, 2, HW).contiguous(), idx, dx, dcs, C, HW, *sx, *sd,
-        HAS_CS=cscale is not None, NEED_DX=need_dx, NEED_DCS=need_dcs, ACC=acc, BLOCK_C=bc, BLOCK_HW=bhw,
-    )
-    return dx, None if dcs is None else dcs.to(cscale.dtype)
-
-
-def _gate_scale_fwd(x, cscale, sscale):
-    B, C, H, W = x.shape
-    HW = H * W
-    x, sx = _flat(x)
-    acc, _ = _acc_dtype(x.dtype)
-    y = torch.empty_like(x, memory_format=_memory_format(x))
-    bc, bhw = _tile(C, HW)
-    _gate_scale_fwd_kernel[(triton.cdiv(HW, bhw), triton.cdiv(C, bc), B)](
-        x, cscale, sscale, y, C, HW, *sx, *_flat(y)[1],
-        HAS_CS=cscale is not None, HAS_SS=sscale is not None, ACC=acc, BLOCK_C=bc, BLOCK_HW=bhw,
-    )
-    return y
-
-
-def _gate_scale_bwd(x, cscale, sscale, dy, need_dx, need_dcs, need_dss):
-    B, C, H, W = x.shape
-    HW = H * W
-    x, sx = _flat(x)
-    dy, sg = _flat(dy)
-    acc, acc_torch = _acc_dtype(x.dtype)
-    dx = torch.empty_like(x, memory_format=_memory_format(x)) if need_dx else None
-    dcs = torch.zeros(B, C, dtype=acc_torch, device=x.device) if need_dcs else None
-    dss = torch.zeros(B, HW, dtype=acc_torch, device=x.device) if need_dss else None
-    sd = _flat(dx)[1] if need_dx else (0, 0, 0)
-    bc, bhw = _tile(C, HW)
-    _gate_scale_bwd_kernel[(triton.cdiv(HW, bhw), triton.cdiv(C, bc), B)](
-        x, cscale, sscale, dy, dx, dcs, dss, C, HW, *sx, *sg, *sd,
-        HAS_CS=cscale is not None, HAS_SS=sscale is not None,
-        NEED_DX=need_dx, NEED_DCS=need_dcs, NEED_DSS=need_dss,
-        ACC=acc, BLOCK_C=bc, BLOCK_HW=bhw,
-    )
-    dcs = None if dcs is None else dcs.to(cscale.dtype)
-    dss = None if dss is None else dss.view(B, H, W).to(sscale.dtype)
-    return dx, dcs, dss
-
-
-# --------------------------------------------------------------------------- autograd
-
-def _check(x: torch.Tensor) -> None:
-    if x.dim() != 4:
-        raise ValueError(f"expected a feature map [B, C, H, W], got shape {tuple(x.shape)}")
-
-
-def _vec(t: Optional[torch.Tensor], shape) -> Optional[torch.Tensor]:
-    """A scale as a contiguous ``[B, N]`` buffer (scales are small; copying them is free)."""
-    if t is None:
-        return None
-    if tuple(t.shape) != tuple(shape):
-        raise ValueError(f"expected a scale of shape {tuple(shape)}, got {tuple(t.shape)}")
-    return t.contiguous()
-
-
-class _ChannelPool(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, with_max):
-        _check(x)
-        avg, mx, idx = _channel_pool_fwd(x, with_max)
-        ctx.save_for_backward(idx)
-        ctx.shape, ctx.dtype, ctx.memory_format = x.shape, x.dtype, _memory_format(x)
-        # an unused output's gradient arrives as None instead of a zero map
-        ctx.set_materialize_grads(False)
-        return avg, mx
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, davg, dmax):
-        (idx,) = ctx.saved_tensors
-        if idx is None:
-            dmax = None
-        if davg is None and dmax is None:
-            return None, None
-        return _channel_pool_bwd(davg, dmax, idx, ctx.shape, ctx.dtype, ctx.memory_format), None
-
-
-class _SpatialPool(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, cscale):
-        _check(x)
-        cscale = _vec(cscale, x.shape[:2])
-        out, idx = _spatial_pool_fwd(x, cscale)
-        ctx.save_for_backward(x, cscale, idx)
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dout):
-        x, cscale, idx = ctx.saved_tensors
-        need_dx = ctx.needs_input_grad[0]
-        need_dcs = cscale is not None and ctx.needs_input_grad[1]
-        if not (need_dx or need_dcs):
-            return None, None
-        return _spatial_pool_bwd(x, cscale, idx, dout, need_dx, need_dcs)
-
-
-class _GateScale(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, cscale, sscale):
-        _check(x)
-        B, C, H, W = x.shape
-        cscale = _vec(cscale, (B, C))
-        sscale = None if sscale is None else _vec(sscale, (B, H, W)).view(B, H * W)
-        ctx.save_for_backward(x, cscale, sscale)
-        return _gate_scale_fwd(x, cscale, sscale)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy):
-        x, cscale, sscale = ctx.saved_tensors
-        need_dx = ctx.needs_input_grad[0]
-        need_dcs = cscale is not None and ctx.needs_input_grad[1]
-        need_dss = sscale is not None and ctx.needs_input_grad[2]
-        if not (need_dx or need_dcs or need_dss):
-            return None, None, None
-        return _gate_scale_bwd(x, cscale, sscale, dy, need_dx, need_dcs, need_dss)
-
-
-# --------------------------------------------------------------------------- public
-
-def channel_pool(x: torch.Tensor, with_max: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Mean (and max) of ``x`` over H, W in one pass: ``([B, C], [B, C] or None)``."""
-    return _ChannelPool.apply(x, with_max)
-
-
-def spatial_pool(x: torch.Tensor, cscale: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``[max_c, mean_c]`` of ``x * cscale[:, :, None, None]`` as ``[B, 2, H, W]``, never forming the product."""
-    return _SpatialPool.apply(x, cscale)
-
-
-def gate_scale(
-        x: torch.Tensor,
-        cscale: Optional[torch.Tensor] = None,
-        sscale: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """``x * cscale[:, :, None, None] * sscale[:, None]``; either scale may be None."""
-    if cscale is None and sscale is None:
-        return x  # as the reference: nothing to scale
-    return _GateScale.apply(x, cscale, sscale)
