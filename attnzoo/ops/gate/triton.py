@@ -266,3 +266,219 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
     return torch.channels_last
 
 
+
+def _grid(C: int, HW: int, B: int, bc: int, bhw: int):
+    return triton.cdiv(HW, bhw), triton.cdiv(C, bc), B
+
+
+def _rows(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A per-(b, c) or per-(b, hw) vector as a contiguous buffer; these are small, copies are free."""
+    return None if t is None else t.contiguous()
+
+
+def pool_channels(x: torch.Tensor, with_max: bool):
+    """Mean (and max, argmax) over H, W in one read: ``avg, mx | None, idx | None``, each ``[B, C]``."""
+    B, C, H, W = x.shape
+    x, sx = _flat(x)
+    avg = torch.empty(B, C, dtype=x.dtype, device=x.device)
+    mx = torch.empty(B, C, dtype=x.dtype, device=x.device) if with_max else None
+    idx = torch.empty(B, C, dtype=torch.int32, device=x.device) if with_max else None
+    bc, bhw = _tile(C, H * W)
+    _channel_pool_fwd_kernel[(triton.cdiv(C, bc), B)](
+        x, avg, mx, idx, C, H * W, *sx,
+        WITH_MAX=with_max, ACC=_acc_dtype(x.dtype)[0], BLOCK_C=bc, BLOCK_HW=bhw,
+    )
+    return avg, mx, idx
+
+
+def pool_spatial(x: torch.Tensor, cscale: Optional[torch.Tensor]):
+    """``[max_c, mean_c]`` of ``x * cscale`` as ``[B, 2, H, W]`` plus the argmax ``[B, H*W]``."""
+    B, C, H, W = x.shape
+    x, sx = _flat(x)
+    out = torch.empty(B, 2, H, W, dtype=x.dtype, device=x.device)
+    idx = torch.empty(B, H * W, dtype=torch.int32, device=x.device)
+    bc, bhw = _tile(C, H * W)
+    _spatial_pool_fwd_kernel[(triton.cdiv(H * W, bhw), B)](
+        x, _rows(cscale), out, idx, C, H * W, *sx,
+        HAS_CS=cscale is not None, ACC=_acc_dtype(x.dtype)[0], BLOCK_C=bc, BLOCK_HW=bhw,
+    )
+    return out, idx
+
+
+def scale(x: torch.Tensor, cscale: Optional[torch.Tensor], sscale: Optional[torch.Tensor]) -> torch.Tensor:
+    """``x * cscale[b, c] * sscale[b, h, w]`` in x's dtype and memory format."""
+    B, C, H, W = x.shape
+    x, sx = _flat(x)
+    y = torch.empty_like(x, memory_format=_memory_format(x))
+    bc, bhw = _tile(C, H * W)
+    _gate_scale_fwd_kernel[_grid(C, H * W, B, bc, bhw)](
+        x, _rows(cscale), _rows(sscale), y, C, H * W, *sx, *_flat(y)[1],
+        HAS_CS=cscale is not None, HAS_SS=sscale is not None, ACC=_acc_dtype(x.dtype)[0],
+        BLOCK_C=bc, BLOCK_HW=bhw,
+    )
+    return y
+
+
+def _scale_backward(dy, x, cscale, sscale, need_dx, need_cs, need_ss):
+    """One read of (dy, x) for every gradient of ``scale``; scale grads come back in fp32 (fp64)."""
+    B, C, H, W = x.shape
+    x, sx = _flat(x)
+    dy, sg = _flat(dy)
+    acc, acc_torch = _acc_dtype(x.dtype)
+    dx = torch.empty_like(dy, memory_format=_memory_format(dy)) if need_dx else None
+    dcs = torch.zeros(B, C, dtype=acc_torch, device=x.device) if need_cs else None
+    dss = torch.zeros(B, H, W, dtype=acc_torch, device=x.device) if need_ss else None
+    bc, bhw = _tile(C, H * W)
+    _gate_scale_bwd_kernel[_grid(C, H * W, B, bc, bhw)](
+        x, _rows(cscale), _rows(sscale), dy, dx, dcs, dss, C, H * W, *sx, *sg,
+        *(_flat(dx)[1] if need_dx else (0, 0, 0)),
+        HAS_CS=cscale is not None, HAS_SS=sscale is not None,
+        NEED_DX=need_dx, NEED_DCS=need_cs, NEED_DSS=need_ss,
+        ACC=acc, BLOCK_C=bc, BLOCK_HW=bhw,
+    )
+    return dx, dcs, dss
+
+
+def scale_grads(dy, x, cscale, sscale, need_cs: bool, need_ss: bool):
+    """``dcs = sum_hw dy * x * sscale``, ``dss = sum_c dy * x * cscale``, in x's dtype."""
+    if not (need_cs or need_ss):
+        return None, None
+    _, dcs, dss = _scale_backward(dy, x, cscale, sscale, False, need_cs, need_ss)
+    return (None if dcs is None else dcs.to(x.dtype)), (None if dss is None else dss.to(x.dtype))
+
+
+def pool_spatial_cs_grad(x: torch.Tensor, dpooled: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Gradient of ``pool_spatial(x, cs)`` w.r.t. cs: ``sum_hw x * (dmean / C + [c == argmax] dmax)``."""
+    B, C, H, W = x.shape
+    x, sx = _flat(x)
+    acc, acc_torch = _acc_dtype(x.dtype)
+    dcs = torch.zeros(B, C, dtype=acc_torch, device=x.device)
+    bc, bhw = _tile(C, H * W)
+    _spatial_cs_grad_kernel[_grid(C, H * W, B, bc, bhw)](
+        x, dpooled.reshape(B, 2, H * W).contiguous(), idx, dcs, C, H * W, *sx,
+        ACC=acc, BLOCK_C=bc, BLOCK_HW=bhw,
+    )
+    return dcs.to(x.dtype)
+
+
+def _input_grad(shape, dtype, device, memory_format, dy, cscale, sscale, davg, dmax, cidx, dpooled, sidx):
+    B, C, H, W = shape
+    dx = torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
+    _, sd = _flat(dx)
+    if dy is not None:
+        dy, sg = _flat(dy)
+    else:
+        sg = (0, 0, 0)
+    if dpooled is not None:
+        dpooled = dpooled.reshape(B, 2, H * W).contiguous()
+    bc, bhw = _tile(C, H * W)
+    _input_grad_kernel[_grid(C, H * W, B, bc, bhw)](
+        dy, _rows(cscale), _rows(sscale), _rows(davg), _rows(dmax), _rows(cidx), dpooled, _rows(sidx), dx,
+        C, H * W, *sg, *sd,
+        HAS_DY=dy is not None, HAS_CS=cscale is not None, HAS_SS=sscale is not None and dy is not None,
+        HAS_AVG=davg is not None, HAS_CMAX=dmax is not None, HAS_SPOOL=dpooled is not None,
+        ACC=_acc_dtype(dtype)[0], BLOCK_C=bc, BLOCK_HW=bhw,
+    )
+    return dx
+
+
+def input_grad(dy, cscale, sscale, davg, dmax, cidx, dpooled, sidx) -> torch.Tensor:
+    """``dx = dy*cs*ss + cs*(dmean_s/C + [c == sidx] dmax_s) + davg/HW + [hw == cidx] dmax_c``, one write."""
+    return _input_grad(dy.shape, dy.dtype, dy.device, _memory_format(dy),
+                       dy, cscale, sscale, davg, dmax, cidx, dpooled, sidx)
+
+
+# --------------------------------------------------------------------------- autograd
+
+def _check(x: torch.Tensor, cscale=None, sscale=None) -> None:
+    if x.dim() != 4:
+        raise ValueError(f"expected a feature map [B, C, H, W], got shape {tuple(x.shape)}")
+    B, C, H, W = x.shape
+    for name, t, shape in (("cscale", cscale, (B, C)), ("sscale", sscale, (B, H, W))):
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
+
+
+class _ChannelPool(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, with_max):
+        _check(x)
+        avg, mx, idx = pool_channels(x, with_max)
+        ctx.save_for_backward(idx)
+        ctx.like = (x.shape, x.dtype, x.device, _memory_format(x))
+        # an unused output's gradient arrives as None instead of a zero map
+        ctx.set_materialize_grads(False)
+        return avg, mx
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, davg, dmax):
+        (idx,) = ctx.saved_tensors
+        dmax = dmax if idx is not None else None
+        if davg is None and dmax is None:
+            return None, None
+        return _input_grad(*ctx.like, None, None, None, davg, dmax, idx, None, None), None
+
+
+class _SpatialPool(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cscale):
+        _check(x, cscale)
+        out, idx = pool_spatial(x, cscale)
+        ctx.save_for_backward(x, cscale, idx)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        x, cscale, idx = ctx.saved_tensors
+        dx = dcs = None
+        if ctx.needs_input_grad[0]:
+            dx = _input_grad(x.shape, x.dtype, x.device, _memory_format(x),
+                             None, cscale, None, None, None, None, dout, idx)
+        if cscale is not None and ctx.needs_input_grad[1]:
+            dcs = pool_spatial_cs_grad(x, dout, idx).to(cscale.dtype)
+        return dx, dcs
+
+
+class _GateScale(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cscale, sscale):
+        _check(x, cscale, sscale)
+        ctx.save_for_backward(x, cscale, sscale)
+        return scale(x, cscale, sscale)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, cscale, sscale = ctx.saved_tensors
+        need_dx = ctx.needs_input_grad[0]
+        need_cs = cscale is not None and ctx.needs_input_grad[1]
+        need_ss = sscale is not None and ctx.needs_input_grad[2]
+        if not (need_dx or need_cs or need_ss):
+            return None, None, None
+        dx, dcs, dss = _scale_backward(dy, x, cscale, sscale, need_dx, need_cs, need_ss)
+        return dx, (None if dcs is None else dcs.to(cscale.dtype)), (None if dss is None else dss.to(sscale.dtype))
+
+
+# --------------------------------------------------------------------------- public
+
+def channel_pool(x: torch.Tensor, with_max: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Mean (and max) of ``x`` over H, W: ``([B, C], [B, C] or None)``."""
+    return _ChannelPool.apply(x, with_max)
+
+
+def spatial_pool(x: torch.Tensor, cscale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``[max_c, mean_c]`` of ``x * cscale[:, :, None, None]`` as ``[B, 2, H, W]``, never forming the product."""
+    return _SpatialPool.apply(x, cscale)
+
+
+def gate_scale(
+        x: torch.Tensor,
+        cscale: Optional[torch.Tensor] = None,
+        sscale: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``x * cscale[:, :, None, None] * sscale[:, None]``; either scale may be None."""
+    if cscale is None and sscale is None:
+        return x  # as the reference: nothing to scale
+    return _GateScale.apply(x, cscale, sscale)
