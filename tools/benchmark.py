@@ -1,0 +1,254 @@
+#!/usr/bin/env python3
+"""Params, GMACs, inference / training throughput and peak memory, each against a timm peer.
+
+    python tools/benchmark.py                                   # cbam_resnet50 eca_resnet50 vs resnet50
+    python tools/benchmark.py --models cbam_resnet18 eca_mobilenet_v2 --batch-size 16 --steps 5
+    python tools/benchmark.py --models eca_resnet50 --peer eca_resnet50=resnet50d --device cuda
+
+Each model and its peer are timed in the same process with their steps interleaved
+(ours, peer, peer, ours, ...) so that drift and neighbours on a noisy machine hit
+both alike; medians are reported, and the ratios are ours/peer images/s.
+GMACs = FlopCounterMode FLOPs / 2 for one image (papers quote multiply-accumulates).
+Peak memory is that of one training step: weights, optimizer state, batch,
+activations and gradients (CUDA: allocator peak; CPU: the profiler's allocation trace).
+"""
+import argparse
+import contextlib
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, also when imported by path (tests)
+import _common as C  # noqa: E402  (also puts a source checkout's attnzoo on the path)
+import attnzoo  # noqa: E402,F401  (registers our models with timm)
+
+import timm  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+# ours -> the timm model it extends; families named <attn>_<timm name> need no entry (see peer_for)
+PEERS = {
+    "cbam_resnet18": "resnet18",
+    "cbam_resnet34": "resnet34",
+    "cbam_resnet50": "resnet50",
+    "cbam_resnet101": "resnet101",
+    "eca_resnet18": "resnet18",
+    "eca_resnet34": "resnet34",
+    "eca_resnet50": "resnet50",
+    "eca_resnet101": "resnet101",
+    "eca_resnet152": "resnet152",
+    "eca_mobilenet_v2": "mobilenetv2_100",
+    "test_cbam_resnet": "test_resnet",
+    "test_eca_resnet": "test_resnet",
+}
+
+COLUMNS = ["model", "params_m", "gmacs", "infer_img_s", "train_img_s", "train_mem_mb",
+           "peer", "peer_params_m", "peer_gmacs", "peer_infer_img_s", "peer_train_img_s", "peer_train_mem_mb",
+           "infer_ratio", "train_ratio"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["cbam_resnet50", "eca_resnet50"])
+    p.add_argument("--peer", nargs="*", default=[],
+                   help="NAME (peer of every model), MODEL=NAME, or 'none' / MODEL=none to skip")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--batch-size", "-b", type=int, default=32)
+    p.add_argument("--num-classes", type=int, default=None, help="default: the model's (1000 for ImageNet)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per model and mode (median reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--amp", action="store_true", help="bfloat16 autocast for both modes")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory step")
+    p.add_argument("--results-file", default=os.path.join("output", "benchmark", "benchmark.csv"))
+    return p.parse_args(argv)
+
+
+def peer_for(name, overrides):
+    if name in overrides:
+        return overrides[name]
+    if "*" in overrides:
+        return overrides["*"]
+    if name in PEERS:
+        return PEERS[name]
+    head, _, tail = name.partition("_")  # e.g. a future cbam_resnext50_32x4d -> resnext50_32x4d
+    return tail if tail and timm.is_model(tail) and name in attnzoo.list_models() else None
+
+
+class Bench:
+    """One model, its batch, an optimizer, and one-step callables for inference and training."""
+
+    def __init__(self, name, args):
+        kw = {} if args.num_classes is None else dict(num_classes=args.num_classes)
+        self.model = C.create_model(name, img_size=args.img_size, **kw)
+        self.name, self.args, self.device = name, args, torch.device(args.device)
+        self.params = C.count_params(self.model)
+        self.gmacs = gmacs(self.model, args.img_size)
+        fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+        self.model = self.model.to(self.device, memory_format=fmt)
+        self.x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=self.device).contiguous(
+            memory_format=fmt)
+        self.y = torch.randint(0, self.model.num_classes, (args.batch_size,), device=self.device)
+        # SGD with momentum: the optimizer of the ResNet papers; its state is part of training memory
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-3, momentum=0.9)
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.amp)
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def infer(self):
+        self.model.eval()
+        with torch.inference_mode(), self.autocast():
+            self.model(self.x)
+        self.sync()
+
+    def train(self):
+        self.model.train()
+        self.opt.zero_grad(set_to_none=True)
+        with self.autocast():
+            loss = F.cross_entropy(self.model(self.x).float(), self.y)
+        loss.backward()
+        self.opt.step()
+        self.sync()
+
+    def train_peak_mb(self):
+        """Resting state (weights, optimizer state, batch) + the step's allocation peak above it."""
+        self.train()  # creates the optimizer state
+        self.opt.zero_grad(set_to_none=True)  # gradients are part of what the step allocates
+        tensors = [*self.model.parameters(), *self.model.buffers(), self.x, self.y,
+                   *(t for s in self.opt.state.values() for t in s.values() if torch.is_tensor(t))]
+        resting = sum(t.numel() * t.element_size() for t in tensors)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            self.train()
+            extra = torch.cuda.max_memory_allocated() - base
+        else:
+            extra = cpu_alloc_peak(self.train)
+        return (resting + extra) / 2 ** 20
+
+
+def gmacs(model, img_size):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(torch.randn(1, 3, img_size, img_size))
+    return counter.get_total_flops() / 2 / 1e9
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Kineto prints start/stop lines on fd 2 from C++; silence them for the profiled step only."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def cpu_alloc_peak(fn):
+    """Peak bytes allocated by fn above the level at its start, from the profiler's allocation events
+    (the CPU allocator keeps no peak counter, and RSS hides reuse of memory glibc already holds)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        from torch._C._profiler import _EventType
+        with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+        allocs, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+        while stack:
+            node = stack.pop()
+            if node.tag == _EventType.Allocation:
+                allocs.append((node.start_time_ns, node.extra_fields.total_allocated, node.extra_fields.alloc_size))
+            stack.extend(node.children)
+        if not allocs:
+            return 0
+        allocs.sort()
+        # the running total is process-wide and not reset per session: measure from the level at the start
+        return max(total for _, total, _ in allocs) - (allocs[0][1] - allocs[0][2])
+    except Exception as e:  # private profiler API: degrade to "-" rather than lose the benchmark
+        print(f"warning: CPU memory measurement failed ({type(e).__name__}: {e})")
+        return float("nan")
+
+
+def timed(fn):
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def interleaved(benches, mode, args):
+    """Median seconds per step of each bench; order alternates each round (ABBA) to cancel drift."""
+    times = [[] for _ in benches]
+    for i in range(args.warmup + args.steps):
+        order = list(range(len(benches)))[::1 if i % 2 == 0 else -1]
+        for j in order:
+            t = timed(getattr(benches[j], mode))
+            if i >= args.warmup:
+                times[j].append(t)
+    return [statistics.median(t) for t in times]
+
+
+def run_pair(name, peer, args):
+    benches = [Bench(name, args)] + ([Bench(peer, args)] if peer else [])
+    infer = interleaved(benches, "infer", args)
+    train = interleaved(benches, "train", args)
+    mem = [float("nan") if args.no_memory else b.train_peak_mb() for b in benches]
+    stats = [dict(params_m=b.params / 1e6, gmacs=b.gmacs, infer_img_s=args.batch_size / ti,
+                  train_img_s=args.batch_size / tt, train_mem_mb=m)
+             for b, ti, tt, m in zip(benches, infer, train, mem)]
+    row = dict(model=name, **stats[0], peer=peer or "")
+    if peer:
+        row.update({f"peer_{k}": v for k, v in stats[1].items()})
+        row.update(infer_ratio=stats[0]["infer_img_s"] / stats[1]["infer_img_s"],
+                   train_ratio=stats[0]["train_img_s"] / stats[1]["train_img_s"])
+    return row
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:  # fixed, not C.ThreadPicker's load-dependent choice: runs must stay comparable
+        torch.set_num_threads(args.threads)
+    if args.steps < 1:
+        raise SystemExit("error: --steps must be >= 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but CUDA is not available")
+    overrides = {}
+    for item in args.peer:
+        model, _, peer = item.rpartition("=")
+        overrides[model or "*"] = None if peer.lower() == "none" else peer
+    for name in args.models + [p for p in overrides.values() if p]:
+        C.check_model_name(name)
+
+    print(f"{args.device} ({torch.get_num_threads()} threads), batch {args.batch_size}, {args.img_size}px, "
+          f"{args.warmup} warmup + {args.steps} timed steps, channels_last={args.channels_last}, amp={args.amp}")
+    rows = []
+    for name in args.models:
+        peer = peer_for(name, overrides)
+        print(f"  {name}" + (f" vs {peer}" if peer else " (no peer)") + " ...", flush=True)
+        rows.append(run_pair(name, peer, args))
+
+    C.write_rows(args.results_file, rows, COLUMNS)
+    print()
+    print(C.format_table(rows, COLUMNS, markdown=True))
+    print(f"\nresults: {args.results_file}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
