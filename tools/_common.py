@@ -17,6 +17,7 @@ if str(_ROOT) not in sys.path:
     sys.path.append(str(_ROOT))  # source checkout without `pip install -e .`; an installed attnzoo wins
 
 import attnzoo  # noqa: E402  (registers our models with timm)
+from attnzoo.backbones._helpers import key_report, load_checkpoint_file  # noqa: E402
 import numpy as np  # noqa: E402
 import timm  # noqa: E402
 import torch  # noqa: E402
@@ -203,64 +204,32 @@ def read_checkpoint_meta(path) -> Dict[str, Any]:
 
 
 def load_state_dict_file(path) -> Dict[str, torch.Tensor]:
-    """Tensors of a local checkpoint, never unpickling code.
-
-    ``.safetensors``, or ``.pth``/``.pt`` through ``torch.load(weights_only=True)``;
-    raw state_dict or a ``{'model'|'state_dict'|'model_ema': sd}`` wrapper; ``module.`` stripped.
-    """
+    """Tensors of a local checkpoint, never unpickling code (``attnzoo``'s safe loader)."""
     path = str(path)
     if not os.path.isfile(path):
         raise SystemExit(f"error: checkpoint not found: {path}")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        obj = load_file(path)
-    else:
-        try:
-            # argparse.Namespace: timm's training checkpoints store their args; it carries data, not code
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # a pickle needing arbitrary objects: refuse rather than run it
-            raise SystemExit(f"error: {path} is not a weights-only checkpoint ({type(e).__name__}: {e})") from e
-    if isinstance(obj, Mapping):
-        for key in ("state_dict", "model", "model_ema", "state_dict_ema"):
-            if isinstance(obj.get(key), Mapping):
-                obj = obj[key]
-                break
-    if not isinstance(obj, Mapping):
-        raise SystemExit(f"error: {path} holds a {type(obj).__name__}, not a state_dict")
-    sd = {(k[7:] if k.startswith("module.") else k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-    if not sd:
-        raise SystemExit(f"error: {path} holds no tensors")
-    return sd
-
-
-def _key_report(sd, model) -> str:
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}"
-              for k, v in expected.items() if k in sd and sd[k].shape != v.shape]
-    out = [f"{what} ({len(keys)}): {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
-           for what, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)) if keys]
-    return "; ".join(out)
+    try:
+        return load_checkpoint_file(path)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from e
 
 
 def load_weights(model: torch.nn.Module, sd: Dict[str, torch.Tensor], model_name: str) -> None:
     """Strict load; if the keys don't match, retry through the model module's ``checkpoint_filter_fn``
     (timm convention, which our families follow to map official checkpoints)."""
-    if not _key_report(sd, model):
+    if not key_report(sd, model):
         model.load_state_dict(sd)
         return
-    report = _key_report(sd, model)
+    report = key_report(sd, model)
     module = sys.modules.get(timm.models.model_entrypoint(model_name).__module__)
     filter_fn = getattr(module, "checkpoint_filter_fn", None)
     if filter_fn is not None:
         try:
             mapped = filter_fn(sd, model)
-            if not _key_report(mapped, model):
+            if not key_report(mapped, model):
                 model.load_state_dict(mapped)
                 return
-            report = _key_report(mapped, model)
+            report = key_report(mapped, model)
         except Exception as e:
             report += f" (checkpoint_filter_fn failed: {type(e).__name__}: {e})"
     raise SystemExit(f"error: checkpoint does not fit {model_name}: {report}")

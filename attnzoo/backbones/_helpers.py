@@ -1,4 +1,5 @@
 """Checkpoint helpers shared by every family's ``checkpoint_filter_fn`` and the converter."""
+import argparse
 import re
 from typing import Any, Dict, Iterable, Mapping, Tuple
 
@@ -16,7 +17,7 @@ def unwrap_state_dict(checkpoint: Any) -> Dict[str, torch.Tensor]:
     """
     if not isinstance(checkpoint, Mapping):
         raise ValueError(f"checkpoint must be a mapping of tensors, got {type(checkpoint).__name__}")
-    for key in ("model", "state_dict", "model_ema"):
+    for key in ("state_dict", "model", "model_ema", "state_dict_ema"):
         if key in checkpoint and isinstance(checkpoint[key], Mapping):
             checkpoint = checkpoint[key]
             break
@@ -48,26 +49,35 @@ def load_checkpoint_file(path: str) -> Dict[str, torch.Tensor]:
         from safetensors.torch import load_file
         return load_file(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        # argparse.Namespace: timm training checkpoints keep their args in one; it is data, not code
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle with non-tensor objects: refuse rather than execute it
         raise ValueError(f"{path}: not a weights-only checkpoint ({e.__class__.__name__}: {e})") from e
     return unwrap_state_dict(obj)
 
 
-def check_keys(state_dict: Mapping[str, torch.Tensor], model: torch.nn.Module) -> None:
-    """Raise a ``ValueError`` listing missing / unexpected keys and shape mismatches."""
+def key_report(state_dict: Mapping[str, torch.Tensor], model: torch.nn.Module) -> str:
+    """Missing / unexpected keys and shape mismatches of ``state_dict`` against ``model``; '' if it fits."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
     shapes = sorted(
         f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
         for k, v in expected.items() if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape))
-    if missing or unexpected or shapes:
-        def fmt(xs):
-            return ", ".join(xs[:20]) + (f" ... (+{len(xs) - 20})" if len(xs) > 20 else "")
-        raise ValueError(
-            f"checkpoint does not match {type(model).__name__}: "
-            f"missing keys [{fmt(missing)}]; unexpected keys [{fmt(unexpected)}]; shape mismatches [{fmt(shapes)}]")
+    if not (missing or unexpected or shapes):
+        return ""
+
+    def fmt(xs):
+        return ", ".join(xs[:20]) + (f" ... (+{len(xs) - 20})" if len(xs) > 20 else "")
+    return f"missing keys [{fmt(missing)}]; unexpected keys [{fmt(unexpected)}]; shape mismatches [{fmt(shapes)}]"
+
+
+def check_keys(state_dict: Mapping[str, torch.Tensor], model: torch.nn.Module) -> None:
+    """Raise a ``ValueError`` listing missing / unexpected keys and shape mismatches."""
+    report = key_report(state_dict, model)
+    if report:
+        raise ValueError(f"checkpoint does not match {type(model).__name__}: {report}")
 
 
 def cfg(url: str = "", **kwargs) -> Dict[str, Any]:
