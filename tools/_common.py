@@ -3,7 +3,6 @@
 The embedded digits dataset, a corrupt-file tolerant ImageFolder, model creation
 with a clear error, untrusted-checkpoint I/O, the eval loop and result tables.
 """
-import argparse
 import csv
 import json
 import os
