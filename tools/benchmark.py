@@ -4,6 +4,7 @@
     python tools/benchmark.py                                   # cbam_resnet50 eca_resnet50 vs resnet50
     python tools/benchmark.py --models cbam_resnet18 eca_mobilenet_v2 --batch-size 16 --steps 5
     python tools/benchmark.py --models eca_resnet50 --peer eca_resnet50=resnet50d --device cuda
+    python tools/benchmark.py --ops gate --batch-size 8         # each op backend against its reference
 
 Each model and its peer are timed in the same process with their steps interleaved
 (ours, peer, peer, ours, ...) so that drift and neighbours on a noisy machine hit
@@ -65,7 +66,10 @@ def parse_args(argv=None):
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast for both modes")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory step")
-    p.add_argument("--results-file", default=os.path.join("output", "benchmark", "benchmark.csv"))
+    p.add_argument("--no-timing", action="store_true", help="params and GMACs only")
+    p.add_argument("--ops", nargs="*", default=None, metavar="OP",
+                   help=f"benchmark ops instead of models: {sorted(OP_BENCHES)} (none given: all)")
+    p.add_argument("--results-file", default=None, help="default: output/benchmark/{models,ops}.csv")
     return p.parse_args(argv)
 
 
@@ -142,9 +146,24 @@ def gmacs(model, img_size):
 
     model.eval()
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
+    # the reference backend: fast paths may express reductions as matmuls, which the counter would add
+    with torch.no_grad(), counter, _env(ATTNZOO_BACKEND="reference"):
         model(torch.randn(1, 3, img_size, img_size))
     return counter.get_total_flops() / 2 / 1e9
+
+
+@contextlib.contextmanager
+def _env(**kv):
+    saved = {k: os.environ.get(k) for k in kv}
+    os.environ.update(kv)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @contextlib.contextmanager
@@ -206,6 +225,11 @@ def interleaved(benches, mode, args):
 
 def run_pair(name, peer, args):
     benches = [Bench(name, args)] + ([Bench(peer, args)] if peer else [])
+    if args.no_timing:
+        row = dict(model=name, params_m=benches[0].params / 1e6, gmacs=benches[0].gmacs, peer=peer or "")
+        if peer:
+            row.update(peer_params_m=benches[1].params / 1e6, peer_gmacs=benches[1].gmacs)
+        return row
     infer = interleaved(benches, "infer", args)
     train = interleaved(benches, "train", args)
     mem = [float("nan") if args.no_memory else b.train_peak_mb() for b in benches]
@@ -218,6 +242,86 @@ def run_pair(name, peer, args):
         row.update(infer_ratio=stats[0]["infer_img_s"] / stats[1]["infer_img_s"],
                    train_ratio=stats[0]["train_img_s"] / stats[1]["train_img_s"])
     return row
+
+
+# ----------------------------------------------------------------------------- ops
+
+def _gate_cases(batch, device, dtype):
+    """CBAM and ECA gates at ResNet-50's four stage shapes (224 px)."""
+    from collections import OrderedDict
+
+    from torch import nn
+
+    from attnzoo.ops.gate import cbam_gate, eca_gate
+
+    for C, H in ((256, 56), (512, 28), (1024, 14), (2048, 7)):
+        mlp = nn.Sequential(OrderedDict(fc1=nn.Linear(C, C // 16), act=nn.ReLU(), fc2=nn.Linear(C // 16, C)))
+        conv = nn.Sequential(nn.Conv2d(2, 1, 7, padding=3, bias=False), nn.BatchNorm2d(1))
+        mlp, conv = mlp.to(device, dtype), conv.to(device, dtype)
+        w = torch.randn(1, 1, 5, device=device, dtype=dtype, requires_grad=True)
+        x = torch.randn(batch, C, H, H, device=device, dtype=dtype)
+        params = list(mlp.parameters()) + list(conv.parameters())
+        yield "cbam_gate", f"{batch}x{C}x{H}x{H}", x, (lambda a, b, m=mlp, c=conv: cbam_gate(a, m, c, backend=b)), params
+        yield "eca_gate", f"{batch}x{C}x{H}x{H}", x, (lambda a, b, k=w: eca_gate(a, k, backend=b)), [w]
+
+
+OP_BENCHES = {"gate": _gate_cases}
+OP_COLUMNS = ["op", "shape", "backend", "fwd_ms", "fwd_bwd_ms", "fwd_speedup", "fwd_bwd_speedup", "max_rel_err"]
+
+
+def _fwd_bwd(fn, x, backend, params):
+    xr = x.detach().requires_grad_()
+    y = fn(xr, backend)
+    grads = torch.autograd.grad(y, [xr] + params, torch.ones_like(y), allow_unused=True)
+    return y, grads
+
+
+def bench_ops(args):
+    """Each backend that can run here against the reference, forward and forward+backward.
+
+    Like flash-linear-attention's benchmarks, a backend whose outputs or gradients
+    differ from the reference's gets no speedup figure."""
+    from attnzoo.ops import _dispatch
+
+    device = torch.device(args.device)
+    names = args.ops or sorted(OP_BENCHES)
+    backends = ["reference", "cpu"] if device.type == "cpu" else ["reference", "triton"]
+    rows = []
+    for name in names:
+        if name not in OP_BENCHES:
+            raise SystemExit(f"error: unknown op {name!r}; choose from {sorted(OP_BENCHES)}")
+        for op, shape, x, fn, params in OP_BENCHES[name](args.batch_size, device, torch.float32):
+            ref_y, ref_g = _fwd_bwd(fn, x, "reference", params)
+            times = {}
+            for b in backends:
+                if b == "triton" and _dispatch.can_run_triton([x], True) is not None:
+                    continue
+                y, g = _fwd_bwd(fn, x, b, params)
+                err = max([((y - ref_y).norm() / ref_y.norm()).item()] +
+                          [((a - r).norm() / r.norm().clamp_min(1e-12)).item()
+                           for a, r in zip(g, ref_g) if a is not None and r is not None])
+                fwd, both = [], []
+                for i in range(args.warmup + args.steps):  # alternate the two modes, as the models do
+                    with torch.no_grad():
+                        tf = timed(lambda: (fn(x, b), _sync(device)))
+                    tb = timed(lambda: (_fwd_bwd(fn, x, b, params), _sync(device)))
+                    if i >= args.warmup:
+                        fwd.append(tf)
+                        both.append(tb)
+                times[b] = (statistics.median(fwd), statistics.median(both), err)
+            rf, rb, _ = times["reference"]
+            for b, (tf, tb, err) in times.items():
+                ok = err < 1e-4
+                rows.append(dict(op=op, shape=shape, backend=b, fwd_ms=tf * 1e3, fwd_bwd_ms=tb * 1e3,
+                                 fwd_speedup=rf / tf if ok else "wrong", fwd_bwd_speedup=rb / tb if ok else "wrong",
+                                 max_rel_err=err))
+            print(f"  {op} {shape}: " + ", ".join(f"{b} {t[1] * 1e3:.1f} ms" for b, t in times.items()), flush=True)
+    return rows
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def main(argv=None):
@@ -237,16 +341,26 @@ def main(argv=None):
 
     print(f"{args.device} ({torch.get_num_threads()} threads), batch {args.batch_size}, {args.img_size}px, "
           f"{args.warmup} warmup + {args.steps} timed steps, channels_last={args.channels_last}, amp={args.amp}")
+    if args.ops is not None:
+        rows = bench_ops(args)
+        path = args.results_file or os.path.join("output", "benchmark", "ops.csv")
+        C.write_rows(path, rows, OP_COLUMNS)
+        print()
+        print(C.format_table(rows, OP_COLUMNS, markdown=True))
+        print(f"\nresults: {path}")
+        return rows
     rows = []
     for name in args.models:
         peer = peer_for(name, overrides)
         print(f"  {name}" + (f" vs {peer}" if peer else " (no peer)") + " ...", flush=True)
         rows.append(run_pair(name, peer, args))
 
-    C.write_rows(args.results_file, rows, COLUMNS)
+    path = args.results_file or os.path.join("output", "benchmark", "models.csv")
+    columns = [c for c in COLUMNS if any(c in r for r in rows)]
+    C.write_rows(path, rows, columns)
     print()
-    print(C.format_table(rows, COLUMNS, markdown=True))
-    print(f"\nresults: {args.results_file}")
+    print(C.format_table(rows, columns, markdown=True))
+    print(f"\nresults: {path}")
     return rows
 
 

@@ -150,3 +150,16 @@ def test_benchmark_rows_with_peer_ratio(tmp_path):
 def test_unknown_model_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="unknown model 'no_such_model'"):
         train.main(["--model", "no_such_model", "--output", str(tmp_path)])
+
+
+def test_benchmark_no_timing(tmp_path):
+    rows = benchmark.main(["--models", "eca_resnet50", "--no-timing", "--results-file", str(tmp_path / "m.csv")])
+    assert rows[0]["params_m"] == pytest.approx(25.557112) and rows[0]["peer"] == "resnet50"
+    assert rows[0]["gmacs"] == pytest.approx(4.089, abs=0.005)  # ECA paper's 4.12 (fvcore) within 3%
+
+
+def test_benchmark_ops_checks_before_reporting(tmp_path):
+    rows = benchmark.main(["--ops", "gate", "--batch-size", "1", "--steps", "1", "--warmup", "0",
+                           "--results-file", str(tmp_path / "ops.csv")])
+    assert {r["backend"] for r in rows} == {"reference", "cpu"}
+    assert all(r["max_rel_err"] < 1e-4 and isinstance(r["fwd_bwd_speedup"], float) for r in rows)

@@ -82,20 +82,21 @@ class _FusedGate(torch.autograd.Function):
     def forward(ctx, x, kernels, op, channel_fn, use_max, spatial_fn, n_channel_params, *params):
         B = x.shape[0]
         cs = ss = cidx = sidx = None
+        training = not isinstance(ctx, _NoCtx)
         ctx.saved_params = params
         ctx.pooled_c = ctx.cs_graph = ctx.pooled_s = ctx.ss_graph = None
         # The small gate graphs are built here and kept for backward (retained, so a
         # retain_graph backward can run twice; they die with ctx). Not under no_grad.
-        with torch.enable_grad() if not isinstance(ctx, _NoCtx) else contextlib.nullcontext():
+        with torch.enable_grad() if training else contextlib.nullcontext():
             if channel_fn is not None:
-                avg, mx, cidx = kernels.pool_channels(x, use_max)
+                avg, mx, cidx = kernels.pool_channels(x, use_max, training)
                 ctx.pooled_c = torch.cat([avg, mx]) if mx is not None else avg
                 ctx.pooled_c = ctx.pooled_c.detach().requires_grad_()
                 avg_l, mx_l = (ctx.pooled_c[:B], ctx.pooled_c[B:]) if mx is not None else (ctx.pooled_c, None)
                 ctx.cs_graph = torch.sigmoid(_channel_logits(op, channel_fn, avg_l, mx_l))
                 cs = ctx.cs_graph.detach()
             if spatial_fn is not None:
-                pooled, sidx = kernels.pool_spatial(x, cs)
+                pooled, sidx = kernels.pool_spatial(x, cs, training)
                 ctx.pooled_s = pooled.detach().requires_grad_()
                 ctx.ss_graph = torch.sigmoid(_spatial_logits(op, spatial_fn, ctx.pooled_s))
                 ss = ctx.ss_graph.detach()

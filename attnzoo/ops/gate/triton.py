@@ -276,8 +276,10 @@ def _rows(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if t is None else t.contiguous()
 
 
-def pool_channels(x: torch.Tensor, with_max: bool):
-    """Mean (and max, argmax) over H, W in one read: ``avg, mx | None, idx | None``, each ``[B, C]``."""
+def pool_channels(x: torch.Tensor, with_max: bool, need_idx: bool = True):
+    """Mean (and max, argmax) over H, W in one read: ``avg, mx | None, idx | None``, each ``[B, C]``.
+
+    The argmax costs nothing extra in the kernel, so ``need_idx`` (for the CPU path) is ignored."""
     B, C, H, W = x.shape
     x, sx = _flat(x)
     avg = torch.empty(B, C, dtype=x.dtype, device=x.device)
@@ -291,7 +293,7 @@ def pool_channels(x: torch.Tensor, with_max: bool):
     return avg, mx, idx
 
 
-def pool_spatial(x: torch.Tensor, cscale: Optional[torch.Tensor]):
+def pool_spatial(x: torch.Tensor, cscale: Optional[torch.Tensor], need_idx: bool = True):
     """``[max_c, mean_c]`` of ``x * cscale`` as ``[B, 2, H, W]`` plus the argmax ``[B, H*W]``."""
     B, C, H, W = x.shape
     x, sx = _flat(x)
