@@ -1,0 +1,142 @@
+"""Neighborhood attention (NAT, Hassani et al. 2023), dilated (DiNAT) and strided (GNA).
+
+Every query attends the ``kernel_size`` keys around it inside its dilation sub-grid;
+windows are clamped inside the map at the borders (NATTEN semantics), and with a
+stride every query of an ``s x s`` group uses the window of the group's centre query.
+An optional relative positional bias ``rpb`` ``[heads, 2k-1, 2k-1]`` is added to the
+logits (NATTEN <= 0.17 indexing, so NAT / DiNAT checkpoints keep their meaning) and is
+differentiable. See ``README.md`` in this folder for the exact semantics and the maths.
+
+Backends (``backend=`` or ``$ATTNZOO_BACKEND``; default: the best that can run):
+
+- ``reference``: brute-force gather of every neighborhood (``reference.py``), the oracle.
+- ``cpu``: tiled attention over zero-copy key halos with its own backward (``cpu.py``).
+- ``triton``: ``triton.py`` (CUDA); the dispatch only considers it when that module exists,
+  and checks for it without importing it.
+
+Each backend module exposes ``na2d(q, k, v, kernel_size, dilation, stride, rpb, scale)``
+with validated arguments and per-axis tuples; 1-D attention runs as 2-D (see ``na1d``).
+"""
+import dataclasses
+import importlib.util
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+
+from .. import _dispatch
+from . import cpu, reference
+
+__all__ = ["na1d", "na2d", "BACKENDS"]
+
+_TRITON_MODULE = __name__ + ".triton"
+
+
+def _can_run_triton(tensors: Sequence[torch.Tensor], forced: bool = False) -> Optional[str]:
+    # find_spec looks for the file without importing it (nor triton)
+    if importlib.util.find_spec(_TRITON_MODULE) is None:
+        return f"{_TRITON_MODULE} is not written yet"
+    return _dispatch.can_run_triton(tensors, forced)
+
+
+BACKENDS = [dataclasses.replace(b, can_run=_can_run_triton) if b.name == "triton" else b
+            for b in _dispatch.standard_backends(reference, cpu, _TRITON_MODULE)]
+
+IntOrPair = Union[int, Tuple[int, int], Sequence[int]]
+
+
+def _pair(op: str, name: str, value, n: int) -> Tuple[int, ...]:
+    if isinstance(value, bool):
+        raise ValueError(f"{op}: {name} must be an int or a tuple of {n} ints, got {value!r}")
+    if isinstance(value, int):
+        return (value,) * n
+    try:
+        out = tuple(value)
+    except TypeError:
+        raise ValueError(f"{op}: {name} must be an int or a tuple of {n} ints, got {value!r}") from None
+    if len(out) != n or not all(isinstance(x, int) and not isinstance(x, bool) for x in out):
+        raise ValueError(f"{op}: {name} must be an int or a tuple of {n} ints, got {value!r}")
+    return out
+
+
+def _validate(op: str, q, k, v, kernel_size, dilation, stride, rpb, scale, n: int):
+    """Checks shared by na1d (n=1) and na2d (n=2); returns (kernel, dilation, stride, scale)."""
+    layout = "[B, L, heads, D]" if n == 1 else "[B, H, W, heads, D]"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
+        if t.dim() != n + 3:
+            raise ValueError(f"{op}: {name} must be {layout}, got shape {tuple(t.shape)}")
+    if not (q.shape == k.shape == v.shape):
+        raise ValueError(f"{op}: q, k, v must have the same shape, got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype) or not q.is_floating_point():
+        raise ValueError(f"{op}: q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"{op}: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if q.numel() == 0:
+        raise ValueError(f"{op}: got empty inputs of shape {tuple(q.shape)}")
+    ks = _pair(op, "kernel_size", kernel_size, n)
+    dil = _pair(op, "dilation", dilation, n)
+    st = _pair(op, "stride", stride, n)
+    if any(x < 1 or x % 2 == 0 for x in ks):
+        raise ValueError(f"{op}: kernel_size must be odd and >= 1, got {kernel_size}")
+    if any(x < 1 for x in dil):
+        raise ValueError(f"{op}: dilation must be >= 1, got {dilation}")
+    if any(x < 1 for x in st):
+        raise ValueError(f"{op}: stride must be >= 1, got {stride}")
+    if any(s > kk for s, kk in zip(st, ks)):
+        raise ValueError(f"{op}: stride must not exceed kernel_size (NATTEN's rule), "
+                         f"got stride {stride} and kernel_size {kernel_size}")
+    spatial = tuple(q.shape[1:1 + n])
+    if any(size < kk * d for size, kk, d in zip(spatial, ks, dil)):
+        need = tuple(kk * d for kk, d in zip(ks, dil))
+        raise ValueError(f"{op}: the map {spatial} of q {tuple(q.shape)} is smaller than kernel_size * dilation "
+                         f"{need} (kernel_size {kernel_size}, dilation {dilation}); pad it first")
+    heads = q.shape[-2]
+    if rpb is not None:
+        expect = (heads,) + tuple(2 * kk - 1 for kk in ks)
+        if not isinstance(rpb, torch.Tensor) or tuple(rpb.shape) != expect:
+            got = tuple(rpb.shape) if isinstance(rpb, torch.Tensor) else type(rpb).__name__
+            raise ValueError(f"{op}: rpb must have shape [heads, 2k-1{', 2k-1' if n == 2 else ''}] = {expect} "
+                             f"for q {tuple(q.shape)} and kernel_size {kernel_size}, got {got}")
+        if rpb.device != q.device or not rpb.is_floating_point():
+            raise ValueError(f"{op}: rpb must be a floating tensor on {q.device}, got {rpb.dtype} on {rpb.device}")
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    return ks, dil, st, float(scale)
+
+
+def na2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: IntOrPair, dilation: IntOrPair = 1,
+         stride: IntOrPair = 1, rpb: Optional[torch.Tensor] = None, scale: Optional[float] = None,
+         backend: Optional[str] = None) -> torch.Tensor:
+    """2-D neighborhood attention.
+
+    Args:
+        q, k, v: ``[B, H, W, heads, D]`` (NATTEN's layout; any strides).
+        kernel_size: odd window size, int or ``(kh, kw)``.
+        dilation: sub-grid step, int or pair; ``H >= kh * dh`` and ``W >= kw * dw``.
+        stride: queries of an ``sh x sw`` group share the group centre's window; ``<= kernel_size``.
+        rpb: relative positional bias ``[heads, 2kh-1, 2kw-1]`` or None.
+        scale: logit scale, default ``D ** -0.5``.
+        backend: ``"reference" | "cpu" | "triton"``; default: the best that can run.
+
+    Returns ``[B, H, W, heads, D]`` in q's dtype.
+    """
+    ks, dil, st, scale = _validate("na2d", q, k, v, kernel_size, dilation, stride, rpb, scale, 2)
+    chosen = _dispatch.choose_backend("na2d", BACKENDS, [t for t in (q, k, v, rpb) if t is not None], backend)
+    return chosen.impl.na2d(q, k, v, ks, dil, st, rpb, scale)
+
+
+def na1d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: IntOrPair, dilation: IntOrPair = 1,
+         stride: IntOrPair = 1, rpb: Optional[torch.Tensor] = None, scale: Optional[float] = None,
+         backend: Optional[str] = None) -> torch.Tensor:
+    """1-D neighborhood attention over ``[B, L, heads, D]``; ``rpb``: ``[heads, 2k-1]``.
+
+    Runs as ``na2d`` on an ``L x 1`` map with kernel ``(k, 1)`` (the sequence on the
+    height axis, whose key halos the CPU backend never copies).
+    """
+    ks, dil, st, scale = _validate("na1d", q, k, v, kernel_size, dilation, stride, rpb, scale, 1)
+    chosen = _dispatch.choose_backend("na1d", BACKENDS, [t for t in (q, k, v, rpb) if t is not None], backend)
+    out = chosen.impl.na2d(q.unsqueeze(2), k.unsqueeze(2), v.unsqueeze(2), (ks[0], 1), (dil[0], 1), (st[0], 1),
+                           None if rpb is None else rpb.unsqueeze(-1), scale)
+    return out.squeeze(2)

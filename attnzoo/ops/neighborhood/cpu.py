@@ -1,0 +1,638 @@
+"""CPU fast path for neighborhood attention: tiled dense attention over zero-copy key halos.
+
+All work happens per dilation sub-grid (the ``d x d`` sub-grids are batch dims, like
+heads), in sub-grid coordinates:
+
+- Queries are cut into ``th x tw`` tiles. Each tile attends one ``hh x hw`` key *halo*
+  that contains the windows of all its queries; an additive mask (``-inf`` outside a
+  query's window, the rpb inside) turns the tile's dense attention into neighborhood
+  attention. Per axis, the tile origin and the halo offset are searched once per
+  geometry so that clamped border windows and stride groups fit one halo size for
+  every tile (``_AxisPlan``); the tile size comes from a small cost model.
+- Keys / values are copied once into *column strips*: strip ``cb`` holds the ``hw``
+  halo columns of query column tile ``cb`` for every row, so a halo is ``hh``
+  consecutive strip rows, i.e. one contiguous block, and the halos of consecutive row
+  tiles start ``th`` rows apart. Strips are laid out back to back, so every tile's
+  halo of every (batch, head, sub-grid) is one ``as_strided`` view with a single batch
+  stride: halos are never copied (they overlap in memory). Only the column halo is
+  materialised (``hw / tw`` times the keys).
+- Forward: ``S = Q_tile @ K_halo^T`` (one ``bmm``), ``S += mask``, ``P = softmax(S)``,
+  ``O = P @ V_halo``; ``P`` is kept for the backward.
+- Backward (own ``autograd.Function``): ``dP = dO @ V_halo^T``,
+  ``dS = P * (dP - rowsum(dO * O))``, ``dQ = dS @ K_halo``. ``dK`` / ``dV`` go straight
+  into a strip buffer: the ``j``-th ``th``-row chunk of all halos is one contiguous
+  view, so each chunk is one in-place ``baddbmm_`` (``_halo_grad``). The rpb term of
+  the mask depends on the key - query offset only, so ``d rpb`` is ``dS`` summed over
+  batch and tiles (one ``[heads, lq * lk]`` tensor), folded by offset.
+- Without gradients, the same tiles go through ``scaled_dot_product_attention`` (the
+  fused CPU flash kernel reads the strided halo views).
+
+Half-precision inputs are computed in float32 and cast back. Non-finite values in
+``k`` / ``v`` can reach other queries of the same tile (``0 * inf``), which the
+reference would not do; finite inputs give exact neighborhood attention.
+"""
+import math
+from functools import lru_cache
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+Tensor = torch.Tensor
+
+# Row/column tile sizes tried per axis; the plan picks the cheapest (see ``_tile_cost``).
+_TILE_CANDIDATES = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16)
+
+
+def _starts(n: int, k: int, s: int) -> List[int]:
+    """Window start of every position of a sub-grid of length ``n`` (sub-grid units)."""
+    out = []
+    for p in range(n):
+        leader = min(p - p % s + s // 2, n - 1)
+        out.append(min(max(leader - k // 2, 0), n - k))
+    return out
+
+
+class _AxisPlan:
+    """Tiling of one axis for tile size ``t``.
+
+    Query tile ``m`` covers sub-grid positions ``[m*t - o, m*t - o + t)`` (positions
+    outside the sub-grid are padding "junk" queries); its key halo is
+    ``[m*t - o + c, m*t - o + c + hal)``. The offset ``o`` is chosen to minimise
+    ``nt * hal``; ``c`` and ``hal`` are the smallest that hold every window of every
+    tile, for every sub-grid length (``lens``: a map of length ``L`` splits into
+    sub-grids of ``ceil(L/d)`` and ``floor(L/d)`` positions).
+    In the key storage, position ``x`` sits at row ``x + shift`` (``shift = o - c``), so
+    tile ``m``'s halo starts at row ``m * t``.
+    """
+
+    def __init__(self, length: int, k: int, d: int, s: int, t: int):
+        self.length, self.k, self.d, self.s = length, k, d, s
+        self.n_long = -(-length // d)
+        # sub-grid lengths: residues r < length % d are one longer
+        self.lens = sorted({(length - r + d - 1) // d for r in range(d)}, reverse=True)
+        self.residue_class = [self.lens.index((length - r + d - 1) // d) for r in range(d)]
+        starts = {n: _starts(n, k, s) for n in self.lens}
+        best = None
+        for o in range(min(t, self.n_long)):
+            nt = -(-(self.n_long + o) // t)
+            lo, hi = math.inf, -math.inf
+            for n in self.lens:
+                st = starts[n]
+                for m in range(nt):
+                    base = m * t - o
+                    ps = range(max(base, 0), min(base + t, n))
+                    if len(ps) == 0:
+                        continue
+                    lo = min(lo, min(st[p] for p in ps) - base)
+                    hi = max(hi, max(st[p] for p in ps) + k - base)
+            c, hal = lo, hi - lo
+            cost = nt * hal
+            if best is None or cost < best[0]:
+                best = (cost, o, c, hal, nt)
+        _, self.o, self.c, self.hal, self.nt = best
+        self.t = t
+        self.shift = self.o - self.c  # storage row = position + shift
+        # allowed[cls, m, u, v]: key v is in query u's window, or u is a padding ("junk")
+        # query (those attend the whole halo, so no softmax row is empty; their outputs
+        # are dropped and their output gradients are zero).
+        allowed = torch.zeros((len(self.lens), self.nt, t, self.hal), dtype=torch.bool)
+        for ci, n in enumerate(self.lens):
+            st = starts[n]
+            for m in range(self.nt):
+                for u in range(t):
+                    p = m * t - self.o + u
+                    if not 0 <= p < n:
+                        allowed[ci, m, u] = True
+                        continue
+                    lo = st[p] - (m * t - self.o + self.c)
+                    allowed[ci, m, u, lo:lo + k] = True
+        self.allowed = allowed
+        # rpb index of query u / key v of any tile: key - query + k - 1 = c + v - u + k - 1
+        # (clamped: pairs outside [0, 2k-2] are never in a window)
+        u = torch.arange(t)[:, None]
+        v = torch.arange(self.hal)[None, :]
+        self.rel = (self.c + v - u + k - 1).clamp(0, 2 * k - 2)
+
+
+def _tile_cost(ax_h: _AxisPlan, ax_w: _AxisPlan) -> float:
+    """Relative cost model for a pair of axis tilings (fit on the 56x56 / k=7 benchmark).
+
+    Work is the number of logits (padded queries times halo keys); small tiles are
+    penalised for the per-matrix overhead of the batched matmuls, and wide column halos
+    for the strip copy.
+    """
+    lq = ax_h.t * ax_w.t
+    logits = (ax_h.nt * ax_h.t * ax_h.hal) * (ax_w.nt * ax_w.t * ax_w.hal)
+    tiles = ax_h.nt * ax_w.nt
+    keys = ax_h.nt * ax_h.t * ax_w.nt * ax_w.hal
+    return logits * (1.0 + 8.0 / lq) + 40.0 * tiles + 8.0 * keys
+
+
+@lru_cache(maxsize=32)
+def _plan(H: int, W: int, kh: int, kw: int, dh: int, dw: int, sh: int, sw: int,
+          tile: Optional[Tuple[int, int]] = None) -> "_Plan":
+    if tile is not None:
+        return _Plan(_AxisPlan(H, kh, dh, sh, tile[0]), _AxisPlan(W, kw, dw, sw, tile[1]))
+    nh, nw = -(-H // dh), -(-W // dw)
+    cands_h = [_AxisPlan(H, kh, dh, sh, t) for t in _TILE_CANDIDATES if t <= nh] or [_AxisPlan(H, kh, dh, sh, nh)]
+    cands_w = [_AxisPlan(W, kw, dw, sw, t) for t in _TILE_CANDIDATES if t <= nw] or [_AxisPlan(W, kw, dw, sw, nw)]
+    if nh not in _TILE_CANDIDATES:
+        cands_h.append(_AxisPlan(H, kh, dh, sh, nh))
+    if nw not in _TILE_CANDIDATES:
+        cands_w.append(_AxisPlan(W, kw, dw, sw, nw))
+    best = min(((a, b) for a in cands_h for b in cands_w), key=lambda ab: _tile_cost(*ab))
+    return _Plan(*best)
+
+
+class _Plan:
+    """Both axes plus the tables shared by every call with this geometry."""
+
+    def __init__(self, ax_h: _AxisPlan, ax_w: _AxisPlan):
+        self.h, self.w = ax_h, ax_w
+        self.lq = ax_h.t * ax_w.t
+        self.lk = ax_h.hal * ax_w.hal
+        self.ncb = ax_w.nt
+        self.nrt = ax_h.nt
+        # per residue when the sub-grids differ in length, else one broadcast class
+        ah = ax_h.allowed if len(ax_h.lens) == 1 else ax_h.allowed[ax_h.residue_class]  # [dh|1, nrt, th, hh]
+        aw = ax_w.allowed if len(ax_w.lens) == 1 else ax_w.allowed[ax_w.residue_class]  # [dw|1, ncb, tw, hw]
+        allowed = ah[:, None, None, :, :, None, :, None] & aw[None, :, :, None, None, :, None, :]
+        # [1, dh|1, dw|1, ncb * nrt, lq, lk], matching the tile order of the batched matmuls
+        self.allowed = allowed.reshape(1, ah.shape[0], aw.shape[0], self.ncb * self.nrt, self.lq, self.lk)
+        kw2 = 2 * ax_w.k - 1
+        self.rel_flat = (ax_h.rel[:, None, :, None] * kw2 + ax_w.rel[None, :, None, :]).reshape(-1)
+        self.dense = bool(self.allowed.all())  # every tile attends its whole halo (e.g. sub-grid == kernel)
+        self._masks = {}
+        # row chunks of a halo for the dK / dV accumulation
+        self.groups = -(-ax_h.hal // ax_h.t)
+
+    def mask(self, rpb: Optional[Tensor], dtype, transposed: bool = False) -> Optional[Tensor]:
+        """Additive mask [heads|1, dh|1, dw|1, ncb * nrt, lq, lk] (``transposed``: ``lk, lq``):
+        -inf outside the windows, rpb inside; None when it would be all zero.
+
+        The rpb term is the same for every tile (it depends on the key - query offset
+        only), so it is gathered once per tile shape and broadcast.
+        """
+        if rpb is None and self.dense:
+            return None
+        key = ("mask", dtype, transposed)
+        if key not in self._masks:
+            allowed = self.allowed.transpose(-1, -2) if transposed else self.allowed
+            zero = torch.zeros((), dtype=dtype)
+            self._masks[key] = torch.where(allowed, zero, torch.full((), -math.inf, dtype=dtype)).contiguous()
+        valid = self._masks[key]
+        if rpb is None:
+            return valid
+        heads = rpb.shape[0]
+        bias = rpb.to(dtype).reshape(heads, -1).index_select(1, self.rel_flat).view(heads, 1, 1, 1, self.lq, self.lk)
+        return valid + (bias.transpose(-1, -2) if transposed else bias)
+
+    def sdpa_mask(self, rpb: Optional[Tensor], heads: int, dtype) -> Optional[Tensor]:
+        """The mask as ``[1, heads * dh * dw * ncb * nrt, lq, lk]``, SDPA's one broadcastable 4-D form."""
+        key = ("sdpa", heads, dtype)
+        if rpb is None and key in self._masks:
+            return self._masks[key]
+        m = self.mask(rpb, dtype)
+        if m is None:
+            return None
+        m = m.expand(heads, self.h.d, self.w.d, *m.shape[3:]).reshape(1, -1, self.lq, self.lk)
+        if rpb is None:
+            self._masks[key] = m
+        return m
+
+    def drpb(self, ds_t: Tensor, B: int, heads: int) -> Tensor:
+        """rpb gradient from ``dS^T`` ([N, lk, lq]): summed over batch, sub-grids and tiles,
+        folded by key - query offset. Masked pairs (clamped in ``rel``) have ``dS == 0``
+        exactly, so they add nothing."""
+        e = ds_t.view(B, heads, -1, self.lk * self.lq).sum(2).sum(0)  # ~10x faster than sum((0, 2))
+        e = e.view(heads, self.lk, self.lq).transpose(1, 2).reshape(heads, -1)
+        kh2, kw2 = 2 * self.h.k - 1, 2 * self.w.k - 1
+        out = e.new_zeros(heads, kh2 * kw2)
+        out.index_add_(1, self.rel_flat, e)
+        return out.view(heads, kh2, kw2)
+
+
+# --------------------------------------------------------------------------- packing
+# Maps are [B, H, W, heads, D]. A dilated map is viewed as [B, nH, dh, nW, dw, heads, D]
+# (zero-padded first when H or W is not a multiple of the dilation).
+
+def _subgrid_view(x: Tensor, plan: _Plan) -> Tensor:
+    B, H, W, heads, D = x.shape
+    dh, dw = plan.h.d, plan.w.d
+    nh, nw = plan.h.n_long, plan.w.n_long
+    if nh * dh != H or nw * dw != W:
+        x = F.pad(x, (0, 0, 0, 0, 0, nw * dw - W, 0, nh * dh - H))
+    return x.view(B, nh, dh, nw, dw, heads, D)
+
+
+def _blocks(x: Tensor, dim: int, start: int, count: int, step: int, width: int) -> Tensor:
+    """View of ``x`` with axis ``dim`` replaced by ``(count, width)``: ``[i, w] -> x[start + i*step + w]``."""
+    s = x.stride(dim)
+    size = list(x.shape[:dim]) + [count, width] + list(x.shape[dim + 1:])
+    stride = list(x.stride()[:dim]) + [step * s, s] + list(x.stride()[dim + 1:])
+    return x.as_strided(size, stride, x.storage_offset() + start * s)
+
+
+# src block [B, rows, dh, strips, cols, dw, heads, D] -> tile layout [B, heads, dh, dw, strips, rows, cols, D]
+_TO_TILES = (0, 6, 2, 5, 3, 1, 4, 7)
+# map slice [B, rows, dh, cols, dw, heads, D] -> [B, heads, dh, dw, rows, cols, D]
+_MAP_TO_TILE = (0, 5, 2, 4, 1, 3, 6)
+
+
+def _strip_runs(ax: _AxisPlan, width: int, first: int):
+    """Split the strips of axis ``ax`` (strip ``i`` covers ``[first + i*t, first + i*t + width)``)
+    into a run of strips lying fully inside the map and the clipped border strips.
+
+    Returns ``(lo, hi), border`` with ``border`` a list of ``(i, a, b, offset)``: map range
+    ``[a, b)`` that goes to strip ``i`` at column ``offset``.
+    """
+    full = [i for i in range(ax.nt) if first + i * ax.t >= 0 and first + i * ax.t + width <= ax.n_long]
+    lo, hi = (full[0], full[-1] + 1) if full else (0, 0)
+    border = []
+    for i in range(ax.nt):
+        if lo <= i < hi:
+            continue
+        x0 = first + i * ax.t
+        a, b = max(x0, 0), min(x0 + width, ax.n_long)
+        if a < b:
+            border.append((i, a, b, a - x0))
+    return (lo, hi), border
+
+
+def _pack_queries(x: Tensor, plan: _Plan, dtype, scale: float = 1.0) -> Tensor:
+    """Query tiles [B, heads, dh, dw, ncb, nrt * th, tw, D]; junk (padding) positions are zero."""
+    B, H, W, heads, D = x.shape
+    ax_h, ax_w = plan.h, plan.w
+    src = _subgrid_view(x, plan)
+    out = x.new_empty((B, heads, ax_h.d, ax_w.d, plan.ncb, ax_h.nt * ax_h.t, ax_w.t, D), dtype=dtype)
+    rows = slice(ax_h.o, ax_h.o + ax_h.n_long)
+    out[:, :, :, :, :, :rows.start].zero_()
+    out[:, :, :, :, :, rows.stop:].zero_()
+
+    def put(dst, part):
+        if scale != 1.0 and dst.dtype == part.dtype:
+            torch.mul(part, scale, out=dst)
+        else:
+            dst.copy_(part)
+            if scale != 1.0:
+                dst.mul_(scale)
+
+    (lo, hi), border = _strip_runs(ax_w, ax_w.t, -ax_w.o)
+    if hi > lo:
+        part = _blocks(src, 3, lo * ax_w.t - ax_w.o, hi - lo, ax_w.t, ax_w.t).permute(_TO_TILES)
+        put(out[:, :, :, :, lo:hi, rows], part)
+    for cb, a, b, off in border:
+        out[:, :, :, :, cb, rows, :off].zero_()
+        out[:, :, :, :, cb, rows, off + b - a:].zero_()
+        put(out[:, :, :, :, cb, rows, off:off + b - a], src[:, :, :, a:b].permute(_MAP_TO_TILE))
+    return out
+
+
+def _unpack_queries(t: Tensor, plan: _Plan, shape, dtype, scale: float = 1.0) -> Tensor:
+    """Inverse of ``_pack_queries``: tiles -> map [B, H, W, heads, D] (junk dropped)."""
+    B, H, W, heads, D = shape
+    ax_h, ax_w = plan.h, plan.w
+    nh, nw = ax_h.n_long, ax_w.n_long
+    t = t.view(B, heads, ax_h.d, ax_w.d, plan.ncb, ax_h.nt * ax_h.t, ax_w.t, D)
+    padded = nh * ax_h.d != H or nw * ax_w.d != W
+    out = t.new_empty((B, nh, ax_h.d, nw, ax_w.d, heads, D), dtype=dtype)
+    rows = slice(ax_h.o, ax_h.o + nh)
+
+    def put(dst, part):
+        if scale != 1.0:
+            torch.mul(part, scale, out=dst) if dst.dtype == part.dtype else dst.copy_(part * scale)
+        else:
+            dst.copy_(part)
+
+    (lo, hi), border = _strip_runs(ax_w, ax_w.t, -ax_w.o)
+    if hi > lo:
+        put(_blocks(out, 3, lo * ax_w.t - ax_w.o, hi - lo, ax_w.t, ax_w.t).permute(_TO_TILES),
+            t[:, :, :, :, lo:hi, rows])
+    for cb, a, b, off in border:
+        put(out[:, :, :, a:b].permute(_MAP_TO_TILE), t[:, :, :, :, cb, rows, off:off + b - a])
+    out = out.view(B, nh * ax_h.d, nw * ax_w.d, heads, D)
+    if padded:
+        out = out[:, :H, :W].contiguous()
+    return out
+
+
+def _key_rows(plan: _Plan):
+    """Where the map rows go in the key storage.
+
+    A strip has ``Hs = nrt * th`` rows (its period in the flat buffer) and stores
+    position ``x`` at row ``x + shift``. Rows past ``Hs`` *spill* into the first rows of
+    the next strip, which hold that strip's leading padding: keys no real query of the
+    next strip attends (masked), so the spilled values only need to be finite there.
+    Returns ``(a, b, r0), (b, e, r1)``: positions ``[a, b)`` go to rows ``r0...`` of their
+    own strip, positions ``[b, e)`` to rows ``r1...`` of the next strip (empty if none).
+    """
+    ax = plan.h
+    period = ax.nt * ax.t
+    a = max(0, -ax.shift)
+    b = min(ax.n_long, period - ax.shift)
+    e = ax.n_long
+    return (a, b, a + ax.shift), (b, max(b, e), b + ax.shift - period)
+
+
+def _buffer_size(plan: _Plan, B: int, heads: int, D: int) -> Tuple[int, int]:
+    """(elements of the strips proper, elements including the slack after the last strip)."""
+    ax_h, ax_w = plan.h, plan.w
+    row = ax_w.hal * D
+    main = B * heads * ax_h.d * ax_w.d * plan.ncb * ax_h.nt * ax_h.t * row
+    (_, _, _), (b, e, _) = _key_rows(plan)
+    slack = max(ax_h.hal - ax_h.t, e - b, 0) * row
+    return main, main + slack
+
+
+def _strips_view(buf: Tensor, plan: _Plan, B: int, heads: int, D: int, rows: int, first_row: int = 0) -> Tensor:
+    """[B, heads, dh, dw, ncb, rows, hw, D] view of the buffer starting at strip row ``first_row``."""
+    ax_h, ax_w = plan.h, plan.w
+    period = ax_h.nt * ax_h.t
+    size = (B, heads, ax_h.d, ax_w.d, plan.ncb, rows, ax_w.hal, D)
+    stride, acc = [], 1
+    for n in reversed((B, heads, ax_h.d, ax_w.d, plan.ncb, period, ax_w.hal, D)):
+        stride.append(acc)
+        acc *= n
+    return buf.as_strided(size, tuple(reversed(stride)), first_row * ax_w.hal * D)
+
+
+def _key_segments(buf: Tensor, plan: _Plan, B: int, heads: int, D: int):
+    """(position range, storage view) pairs covering every map row of the key storage."""
+    period = plan.h.nt * plan.h.t
+    (a, b, r0), (b2, e, r1) = _key_rows(plan)
+    if a < b:
+        yield a, b, _strips_view(buf, plan, B, heads, D, b - a, r0)
+    if b2 < e:  # spilled rows: the next strip's first rows
+        yield b2, e, _strips_view(buf, plan, B, heads, D, e - b2, period + r1)
+
+
+def _pack_keys(x: Tensor, plan: _Plan, dtype) -> Tensor:
+    """Flat key storage (see ``_strips_view``); padding rows and columns are zero."""
+    B, H, W, heads, D = x.shape
+    ax_h, ax_w = plan.h, plan.w
+    main, total = _buffer_size(plan, B, heads, D)
+    buf = x.new_empty(total, dtype=dtype)
+    period = ax_h.nt * ax_h.t
+    strips = _strips_view(buf, plan, B, heads, D, period)
+    # zero what no copy below writes: leading / trailing padding rows, padding columns
+    # of the border strips, the slack after the last strip (spilled rows land on some
+    # of these zeros afterwards)
+    strips[:, :, :, :, :, :max(0, min(ax_h.shift, period))].zero_()
+    strips[:, :, :, :, :, max(0, ax_h.n_long + ax_h.shift):].zero_()
+    buf[main:].zero_()
+    first = ax_w.c - ax_w.o
+    (lo, hi), border = _strip_runs(ax_w, ax_w.hal, first)
+    for cb, a, b, off in border:
+        strips[:, :, :, :, cb, :, :off].zero_()
+        strips[:, :, :, :, cb, :, off + b - a:].zero_()
+    src = _subgrid_view(x, plan)
+    for a, b, seg in _key_segments(buf, plan, B, heads, D):
+        rows = src[:, a:b]
+        if hi > lo:
+            seg[:, :, :, :, lo:hi].copy_(
+                _blocks(rows, 3, first + lo * ax_w.t, hi - lo, ax_w.t, ax_w.hal).permute(_TO_TILES))
+        for cb, ca, cb_end, off in border:
+            seg[:, :, :, :, cb, :, off:off + cb_end - ca].copy_(rows[:, :, :, ca:cb_end].permute(_MAP_TO_TILE))
+    return buf
+
+
+def _unpack_keys(buf: Tensor, plan: _Plan, shape, dtype) -> Tensor:
+    """Gradient of ``_pack_keys``: overlapping strip columns are summed (strips ``G`` apart
+    do not overlap, so the inner strips go in ``G`` strided adds)."""
+    B, H, W, heads, D = shape
+    ax_h, ax_w = plan.h, plan.w
+    nh, nw = ax_h.n_long, ax_w.n_long
+    out = buf.new_zeros((B, nh, ax_h.d, nw, ax_w.d, heads, D), dtype=dtype)
+    first = ax_w.c - ax_w.o
+    (lo, hi), border = _strip_runs(ax_w, ax_w.hal, first)
+    G = -(-ax_w.hal // ax_w.t)
+    for a, b, seg in _key_segments(buf, plan, B, heads, D):
+        rows = out[:, a:b]
+        for g in range(min(G, hi - lo)):
+            cnt = len(range(lo + g, hi, G))
+            _blocks(rows, 3, first + (lo + g) * ax_w.t, cnt, G * ax_w.t, ax_w.hal).permute(_TO_TILES).add_(
+                seg[:, :, :, :, lo + g:hi:G])
+        for cb, ca, cb_end, off in border:
+            rows[:, :, :, ca:cb_end].permute(_MAP_TO_TILE).add_(seg[:, :, :, :, cb, :, off:off + cb_end - ca])
+    out = out.view(B, nh * ax_h.d, nw * ax_w.d, heads, D)
+    if nh * ax_h.d != H or nw * ax_w.d != W:
+        out = out[:, :H, :W].contiguous()
+    return out
+
+
+def _halos(buf: Tensor, plan: _Plan, ntiles: int, D: int) -> Tensor:
+    """Every tile's key halo as one strided view [ntiles, hh * hw, D] of the strip buffer."""
+    return buf.as_strided((ntiles, plan.lk, D), (plan.h.t * plan.w.hal * D, D, 1))
+
+
+def _halo_grad(like: Tensor, plan: _Plan, a: Tensor, b: Tensor, D: int) -> Tensor:
+    """Strip buffer holding ``sum over tiles of halo[n] += a[n] @ b[n]`` (``a``: [N, lk, lq]).
+
+    Tile ``n``'s halo rows ``[j*th, (j+1)*th)`` and tile ``n+1``'s rows ``[(j-1)*th, j*th)``
+    are the same strip rows, so for a fixed chunk ``j`` the chunks of all tiles lie back
+    to back: one contiguous ``[N, th * hw, D]`` view, updated by one in-place
+    ``baddbmm_`` (MKL's batched gemm). Chunk 0 covers the whole buffer but the slack and
+    is written with ``beta=0``, so only the slack is zeroed; chunks 1, 2, ... accumulate.
+    A last, shorter chunk (``hh`` not a multiple of ``th``) is not contiguous and goes
+    through a temporary.
+    """
+    th, hw = plan.h.t, plan.w.hal
+    step = th * hw * D
+    n = a.shape[0]
+    buf = torch.empty_like(like)
+    if plan.h.hal < th:
+        buf.zero_()
+    else:
+        buf[n * step:].zero_()
+    for j in range(plan.groups):
+        r = min(th, plan.h.hal - j * th)
+        part = a[:, j * th * hw:(j * th + r) * hw]
+        view = buf.as_strided((n, r * hw, D), (step, D, 1), j * step)
+        if r == th:
+            view.baddbmm_(part, b, beta=0 if j == 0 else 1)
+        else:
+            view.add_(torch.bmm(part, b))
+    return buf
+
+
+def _compute_dtype(dtype):
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+class _TiledNA(torch.autograd.Function):
+    """Works with transposed logits ``S^T = K_halo Q_tile^T`` ([N, lk, lq]): with D = 32 and
+    16-query tiles, MKL's batched gemm runs the NN / TN products this layout needs about
+    25% faster than the NT products of ``S = Q K^T`` (and ``dP = dO V^T``)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, rpb, plan, scale):
+        B, H, W, heads, D = q.shape
+        cdt = _compute_dtype(q.dtype)
+        qt = _pack_queries(q, plan, cdt, scale)
+        N = qt.numel() // (plan.lq * D)
+        qt = qt.view(N, plan.lq, D)
+        kb, vb = _pack_keys(k, plan, cdt), _pack_keys(v, plan, cdt)
+        kh, vh = _halos(kb, plan, N, D), _halos(vb, plan, N, D)
+        s_t = torch.bmm(kh, qt.transpose(1, 2).contiguous())  # [N, lk, lq]
+        mask = plan.mask(rpb, cdt, transposed=True)
+        if mask is not None:
+            s_t.view(B, heads, plan.h.d, plan.w.d, -1, plan.lk, plan.lq).add_(mask)
+        p_t = torch.softmax(s_t, 1)
+        del s_t
+        o = torch.bmm(p_t.transpose(1, 2), vh)  # [N, lq, D]
+        out = _unpack_queries(o, plan, q.shape, q.dtype)
+        ctx.plan, ctx.scale, ctx.shape = plan, scale, q.shape
+        ctx.dtypes = (q.dtype, k.dtype, v.dtype, None if rpb is None else rpb.dtype)
+        ctx.save_for_backward(qt, kb, vb, p_t, o)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout):
+        qt, kb, vb, p_t, o = ctx.saved_tensors
+        plan, scale, shape = ctx.plan, ctx.scale, ctx.shape
+        B, H, W, heads, D = shape
+        N = qt.shape[0]
+        cdt = qt.dtype
+        kh, vh = _halos(kb, plan, N, D), _halos(vb, plan, N, D)
+        do = _pack_queries(dout, plan, cdt).view(N, plan.lq, D)
+        dq = dk = dv = drpb = None
+        if ctx.needs_input_grad[2]:
+            dv = _unpack_keys(_halo_grad(vb, plan, p_t, do, D), plan, shape, ctx.dtypes[2])
+        delta = (do * o).sum(-1).unsqueeze(1)  # [N, 1, lq]
+        ds_t = torch.bmm(vh, do.transpose(1, 2).contiguous()).sub_(delta).mul_(p_t)  # dS^T
+        del p_t
+        if ctx.needs_input_grad[0]:
+            dq = _unpack_queries(torch.bmm(ds_t.transpose(1, 2), kh), plan, shape, ctx.dtypes[0], scale)
+        if ctx.needs_input_grad[1]:
+            dk = _unpack_keys(_halo_grad(kb, plan, ds_t, qt, D), plan, shape, ctx.dtypes[1])
+        if ctx.needs_input_grad[3]:
+            drpb = plan.drpb(ds_t, B, heads).to(ctx.dtypes[3])
+        return dq, dk, dv, drpb, None, None
+
+
+def _sdpa_forward(q, k, v, rpb, plan, scale):
+    """No-grad path: the same tiles through the fused CPU flash kernel."""
+    B, H, W, heads, D = q.shape
+    cdt = _compute_dtype(q.dtype)
+    qt = _pack_queries(q, plan, cdt)
+    M = qt.numel() // (B * heads * plan.lq * D)  # tiles per (batch, head)
+    kb, vb = _pack_keys(k, plan, cdt), _pack_keys(v, plan, cdt)
+    step = plan.h.t * plan.w.hal * D
+    size, stride = (B, heads * M, plan.lk, D), (heads * M * step, step, D, 1)
+    kh, vh = kb.as_strided(size, stride), vb.as_strided(size, stride)
+    mask = plan.sdpa_mask(rpb, heads, cdt)
+    o = F.scaled_dot_product_attention(qt.view(B, heads * M, plan.lq, D), kh, vh, attn_mask=mask, scale=scale)
+    return _unpack_queries(o, plan, q.shape, q.dtype)
+
+
+def na2d(q: Tensor, k: Tensor, v: Tensor, kernel_size: Tuple[int, int], dilation: Tuple[int, int],
+         stride: Tuple[int, int], rpb: Optional[Tensor], scale: float,
+         tile: Optional[Tuple[int, int]] = None) -> Tensor:
+    B, H, W, heads, D = q.shape
+    plan = _plan(H, W, *kernel_size, *dilation, *stride, tile)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, rpb))
+    if needs_grad:
+        return _TiledNA.apply(q, k, v, rpb, plan, scale)
+    with torch.no_grad():
+        return _sdpa_forward(q, k, v, rpb, plan, scale)
+
+
+# --------------------------------------------------------------------------- benchmark
+
+def _tiled_sdpa_8x8(q, k, v, kernel_size, dilation, scale, tile=8):
+    """The formulation measured before this backend (for the benchmark only): dilation
+    sub-grids moved into the batch, ``tile x tile`` query tiles attending their clamped
+    ``(tile + k - 1)^2`` halo (gathered with ``index_select``) under an additive mask,
+    through ``scaled_dot_product_attention``; no rpb, square maps divisible by the dilation."""
+    from . import reference
+    B, H, W, heads, D = q.shape
+    d, ks = dilation, kernel_size
+    n = H // d
+    T = tile if n % tile == 0 else next(t for t in range(tile, 0, -1) if n % t == 0)
+    nt, hal = n // T, T + ks - 1
+    starts = torch.tensor([min(max(i * T - ks // 2, 0), n - hal) for i in range(nt)])
+    idx = (starts[:, None] + torch.arange(hal)).reshape(-1)
+    keys, _ = reference.neighbor_index(n, ks)
+    pos = torch.arange(n).view(nt, T)
+    rows = idx.view(nt, hal)
+    ok = (rows[:, None, :] >= keys[pos][..., :1]) & (rows[:, None, :] <= keys[pos][..., -1:])  # [nt, T, hal]
+    ok = ok[:, None, :, None, :, None] & ok[None, :, None, :, None, :]
+    mask = torch.zeros(ok.shape, dtype=q.dtype).masked_fill_(~ok, -math.inf).reshape(nt * nt, 1, T * T, hal * hal)
+
+    def sub(x):  # [B, H, W, heads, D] -> [B * d * d, n, n, heads, D]
+        return x.reshape(B, n, d, n, d, heads, D).permute(0, 2, 4, 1, 3, 5, 6).reshape(B * d * d, n, n, heads, D)
+
+    Bd = B * d * d
+
+    def halo(x):
+        x = sub(x).index_select(1, idx).index_select(2, idx).view(Bd, nt, hal, nt, hal, heads, D)
+        return x.permute(1, 3, 0, 5, 2, 4, 6).reshape(nt * nt, Bd * heads, hal * hal, D)
+
+    qt = sub(q).view(Bd, nt, T, nt, T, heads, D).permute(1, 3, 0, 5, 2, 4, 6).reshape(nt * nt, Bd * heads, T * T, D)
+    o = F.scaled_dot_product_attention(qt, halo(k), halo(v), attn_mask=mask, scale=scale)
+    o = o.view(nt, nt, B, d, d, heads, T, T, D).permute(2, 0, 6, 3, 1, 7, 4, 5, 8)
+    return o.reshape(B, H, W, heads, D)
+
+
+def _benchmark(argv=None):
+    """``python -c "from attnzoo.ops.neighborhood import cpu; cpu._benchmark()" [--threads 2] [--reps 7] [--rpb]``
+
+    B=2, heads=4, 56x56, D=32, k=7, dilation 1 and 2, float32: forward (no grad) and
+    forward+backward (``autograd.grad`` of q, k, v [, rpb]) of the reference, the
+    earlier tiled-SDPA formulation and this backend, repeats interleaved, wall-clock
+    medians (and minima) in ms.
+    """
+    import argparse
+    import statistics
+    import sys
+    import time
+
+    from . import na2d
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--rpb", action="store_true", help="with a relative positional bias (no tiled-SDPA baseline)")
+    args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    torch.set_num_threads(args.threads)
+    B, H, W, heads, D, ks = 2, 56, 56, 4, 32, 7
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, B={B} heads={heads} {H}x{W} D={D} "
+          f"k={ks}, float32, rpb={args.rpb}")
+    for dil in (1, 2):
+        methods = {
+            "reference": lambda q, k, v, r: na2d(q, k, v, ks, dil, rpb=r, backend="reference"),
+            "cpu": lambda q, k, v, r: na2d(q, k, v, ks, dil, rpb=r, backend="cpu"),
+        }
+        if not args.rpb:
+            methods["tiled-sdpa-8x8"] = lambda q, k, v, r: _tiled_sdpa_8x8(q, k, v, ks, dil, D ** -0.5)
+        times = {(m, mode): [] for m in methods for mode in ("fwd", "fwd+bwd")}
+        gen = torch.Generator().manual_seed(0)
+        for rep in range(args.reps + 1):  # rep 0 warms up (plans, allocator) and is dropped
+            for name, fn in methods.items():
+                for mode in ("fwd", "fwd+bwd"):
+                    grad = mode == "fwd+bwd"
+                    q, k, v = (torch.randn(B, H, W, heads, D, generator=gen).requires_grad_(grad) for _ in range(3))
+                    r = None
+                    if args.rpb:
+                        r = torch.randn(heads, 2 * ks - 1, 2 * ks - 1, generator=gen).requires_grad_(grad)
+                    t0 = time.perf_counter()
+                    if grad:
+                        out = fn(q, k, v, r)
+                        torch.autograd.grad(out, [q, k, v] + ([r] if args.rpb else []), torch.ones_like(out))
+                    else:
+                        with torch.no_grad():
+                            fn(q, k, v, r)
+                    if rep:
+                        times[(name, mode)].append(time.perf_counter() - t0)
+        for mode in ("fwd", "fwd+bwd"):
+            med = {m: statistics.median(times[(m, mode)]) * 1e3 for m in methods}
+            for m in methods:
+                extra = "" if m == "reference" else f"   {med['reference'] / med[m]:5.1f}x vs reference"
+                if m == "cpu" and "tiled-sdpa-8x8" in med:
+                    extra += f", {med['tiled-sdpa-8x8'] / med['cpu']:4.2f}x vs tiled-sdpa-8x8"
+                best = min(times[(m, mode)]) * 1e3
+                print(f"dilation {dil} {mode:8s} {m:15s} {med[m]:8.1f} ms (min {best:7.1f}){extra}")

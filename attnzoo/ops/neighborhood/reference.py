@@ -1,0 +1,72 @@
+"""Readable reference for neighborhood attention: the test oracle.
+
+Brute force: compute, per axis, which key index every query attends
+(``neighbor_index``), gather the K and V neighborhoods of every query, softmax over
+them and take the weighted sum. Memory is ``kernel_size**2`` times that of K, so
+this is for tests and small maps only; ``cpu.py`` is the fast path.
+
+Layout (NATTEN's): ``q, k, v``: ``[B, H, W, heads, D]``; ``rpb``: ``[heads, 2kh-1, 2kw-1]``.
+``na2d`` takes already-validated arguments with per-axis tuples (see ``__init__``);
+every backend module exposes the same ``na2d(q, k, v, kernel_size, dilation, stride,
+rpb, scale)`` (1-D runs as 2-D with a height-1 map and kernel height 1).
+"""
+from typing import Optional, Tuple
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def window_start(i: int, length: int, kernel_size: int, dilation: int = 1, stride: int = 1) -> int:
+    """First key index of query ``i``'s window on one axis (a map index, not a sub-grid index).
+
+    Dilation ``d`` splits the axis into the sub-grids ``{r, r+d, r+2d, ...}``; query ``i``
+    lives in sub-grid ``r = i % d`` at position ``p = i // d``, and that sub-grid has
+    ``n = ceil((length - r) / d)`` positions. Stride ``s`` groups the positions
+    ``[g, g+s)`` (``g = p - p % s``) of a sub-grid; the group's leader is its centre
+    ``g + s // 2`` (the right one of the two centres for even ``s``), or the sub-grid's
+    last position for a cut-off final group. Every query of the group uses the leader's
+    window, which is centred on the leader and clamped inside the sub-grid:
+    ``start = clamp(leader - k // 2, 0, n - k)``. With ``s = 1`` the leader is the query.
+    """
+    r, p = i % dilation, i // dilation
+    n = (length - r + dilation - 1) // dilation
+    leader = min(p - p % stride + stride // 2, n - 1)
+    start = min(max(leader - kernel_size // 2, 0), n - kernel_size)
+    return start * dilation + r
+
+
+def neighbor_index(length: int, kernel_size: int, dilation: int = 1, stride: int = 1,
+                   device=None) -> Tuple[Tensor, Tensor]:
+    """Per-axis index tables, both ``[length, kernel_size]`` int64.
+
+    ``keys[i, t]``: the map index of query ``i``'s ``t``-th key (``start + t * dilation``).
+    ``bias[i, t]``: the rpb index of that pair, the key - query offset in sub-grid units
+    shifted to be non-negative: ``(keys[i, t] - i) // dilation + kernel_size - 1``,
+    in ``[0, 2 * kernel_size - 2]`` (NATTEN's ``get_pb_start(i) + t``).
+    """
+    keys = torch.empty(length, kernel_size, dtype=torch.long)
+    for i in range(length):
+        start = window_start(i, length, kernel_size, dilation, stride)
+        keys[i] = torch.arange(kernel_size) * dilation + start
+    bias = torch.div(keys - torch.arange(length)[:, None], dilation, rounding_mode="floor") + kernel_size - 1
+    return keys.to(device), bias.to(device)
+
+
+def na2d(q: Tensor, k: Tensor, v: Tensor, kernel_size: Tuple[int, int], dilation: Tuple[int, int],
+         stride: Tuple[int, int], rpb: Optional[Tensor], scale: float) -> Tensor:
+    B, H, W, heads, D = q.shape
+    keys_h, bias_h = neighbor_index(H, kernel_size[0], dilation[0], stride[0], q.device)
+    keys_w, bias_w = neighbor_index(W, kernel_size[1], dilation[1], stride[1], q.device)
+    rows = keys_h[:, None, :, None]  # [H, 1, kh, 1]
+    cols = keys_w[None, :, None, :]  # [1, W, 1, kw]
+    # neighborhoods [B, H, W, kh, kw, heads, D]: query (i, j)'s key (a, b) is
+    # k[:, keys_h[i, a], keys_w[j, b]]
+    k_nb = k[:, rows, cols]
+    v_nb = v[:, rows, cols]
+    logits = torch.einsum("nijhd,nijxyhd->nhijxy", q * scale, k_nb)
+    if rpb is not None:
+        # [heads, H, W, kh, kw]
+        logits = logits + rpb[:, bias_h[:, None, :, None], bias_w[None, :, None, :]]
+    attn = logits.flatten(-2).softmax(-1).view(logits.shape)
+    return torch.einsum("nhijxy,nijxyhd->nijhd", attn, v_nb)
