@@ -5,6 +5,7 @@
     python tools/benchmark.py --models cbam_resnet18 eca_mobilenet_v2 --batch-size 16 --steps 5
     python tools/benchmark.py --models eca_resnet50 --peer eca_resnet50=resnet50d --device cuda
     python tools/benchmark.py --ops gate --batch-size 8         # each op backend against its reference
+    python tools/benchmark.py --ops neighborhood --batch-size 2 --threads 1
 
 Each model and its peer are timed in the same process with their steps interleaved
 (ours, peer, peer, ours, ...) so that drift and neighbours on a noisy machine hit
@@ -15,6 +16,7 @@ activations and gradients (CUDA: allocator peak; CPU: the profiler's allocation 
 """
 import argparse
 import contextlib
+import dataclasses
 import os
 import statistics
 import sys
@@ -246,6 +248,19 @@ def run_pair(name, peer, args):
 
 # ----------------------------------------------------------------------------- ops
 
+@dataclasses.dataclass
+class OpCase:
+    """One op at one shape: ``run(inputs, backend)`` for the op's backends, plus baselines
+    (other formulations, ``fn(inputs)``) timed beside them. ``flops``: useful FLOPs of one forward."""
+
+    op: str
+    shape: str
+    inputs: list
+    run: object
+    flops: float = 0.0
+    baselines: dict = dataclasses.field(default_factory=dict)
+
+
 def _gate_cases(batch, device, dtype):
     """CBAM and ECA gates at ResNet-50's four stage shapes (224 px)."""
     from collections import OrderedDict
@@ -254,68 +269,140 @@ def _gate_cases(batch, device, dtype):
 
     from attnzoo.ops.gate import cbam_gate, eca_gate
 
-    for C, H in ((256, 56), (512, 28), (1024, 14), (2048, 7)):
-        mlp = nn.Sequential(OrderedDict(fc1=nn.Linear(C, C // 16), act=nn.ReLU(), fc2=nn.Linear(C // 16, C)))
+    for ch, H in ((256, 56), (512, 28), (1024, 14), (2048, 7)):
+        mlp = nn.Sequential(OrderedDict(fc1=nn.Linear(ch, ch // 16), act=nn.ReLU(), fc2=nn.Linear(ch // 16, ch)))
         conv = nn.Sequential(nn.Conv2d(2, 1, 7, padding=3, bias=False), nn.BatchNorm2d(1))
         mlp, conv = mlp.to(device, dtype), conv.to(device, dtype)
-        w = torch.randn(1, 1, 5, device=device, dtype=dtype, requires_grad=True)
-        x = torch.randn(batch, C, H, H, device=device, dtype=dtype)
-        params = list(mlp.parameters()) + list(conv.parameters())
-        yield "cbam_gate", f"{batch}x{C}x{H}x{H}", x, (lambda a, b, m=mlp, c=conv: cbam_gate(a, m, c, backend=b)), params
-        yield "eca_gate", f"{batch}x{C}x{H}x{H}", x, (lambda a, b, k=w: eca_gate(a, k, backend=b)), [w]
+        w = torch.randn(1, 1, 5, device=device, dtype=dtype)
+        x = torch.randn(batch, ch, H, H, device=device, dtype=dtype)
+        shape = f"{batch}x{ch}x{H}x{H}"
+        yield OpCase("cbam_gate", shape, [x] + list(mlp.parameters()) + list(conv.parameters()),
+                     lambda ins, b, m=mlp, c=conv: cbam_gate(ins[0], m, c, backend=b))
+        yield OpCase("eca_gate", shape, [x, w], lambda ins, b: eca_gate(ins[0], ins[1], backend=b))
 
 
-OP_BENCHES = {"gate": _gate_cases}
-OP_COLUMNS = ["op", "shape", "backend", "fwd_ms", "fwd_bwd_ms", "fwd_speedup", "fwd_bwd_speedup", "max_rel_err"]
+def _tiled_sdpa_8x8(q, k, v, kernel_size, dilation, scale, tile=8):
+    """The formulation measured before this backend (for the benchmark only): dilation
+    sub-grids moved into the batch, ``tile x tile`` query tiles attending their clamped
+    ``(tile + k - 1)^2`` halo (gathered with ``index_select``) under an additive mask,
+    through ``scaled_dot_product_attention``; no rpb, square maps divisible by the dilation."""
+    from attnzoo.ops.neighborhood import reference
+    import math
+    B, H, W, heads, D = q.shape
+    d, ks = dilation, kernel_size
+    n = H // d
+    T = tile if n % tile == 0 else next(t for t in range(tile, 0, -1) if n % t == 0)
+    nt, hal = n // T, T + ks - 1
+    starts = torch.tensor([min(max(i * T - ks // 2, 0), n - hal) for i in range(nt)])
+    idx = (starts[:, None] + torch.arange(hal)).reshape(-1)
+    keys, _ = reference.neighbor_index(n, ks)
+    pos = torch.arange(n).view(nt, T)
+    rows = idx.view(nt, hal)
+    ok = (rows[:, None, :] >= keys[pos][..., :1]) & (rows[:, None, :] <= keys[pos][..., -1:])  # [nt, T, hal]
+    ok = ok[:, None, :, None, :, None] & ok[None, :, None, :, None, :]
+    mask = torch.zeros(ok.shape, dtype=q.dtype).masked_fill_(~ok, -math.inf).reshape(nt * nt, 1, T * T, hal * hal)
+
+    def sub(x):  # [B, H, W, heads, D] -> [B * d * d, n, n, heads, D]
+        return x.reshape(B, n, d, n, d, heads, D).permute(0, 2, 4, 1, 3, 5, 6).reshape(B * d * d, n, n, heads, D)
+
+    Bd = B * d * d
+
+    def halo(x):
+        x = sub(x).index_select(1, idx).index_select(2, idx).view(Bd, nt, hal, nt, hal, heads, D)
+        return x.permute(1, 3, 0, 5, 2, 4, 6).reshape(nt * nt, Bd * heads, hal * hal, D)
+
+    qt = sub(q).view(Bd, nt, T, nt, T, heads, D).permute(1, 3, 0, 5, 2, 4, 6).reshape(nt * nt, Bd * heads, T * T, D)
+    o = F.scaled_dot_product_attention(qt, halo(k), halo(v), attn_mask=mask, scale=scale)
+    o = o.view(nt, nt, B, d, d, heads, T, T, D).permute(2, 0, 6, 3, 1, 7, 4, 5, 8)
+    return o.reshape(B, H, W, heads, D)
 
 
-def _fwd_bwd(fn, x, backend, params):
-    xr = x.detach().requires_grad_()
-    y = fn(xr, backend)
-    grads = torch.autograd.grad(y, [xr] + params, torch.ones_like(y), allow_unused=True)
+
+
+def _neighborhood_cases(batch, device, dtype):
+    """NAT/DiNAT's first level: B=2 (default), 4 heads, 56x56, D=32, k=7, dilation 1 and 2, with and
+    without rpb, against the reference's gather form and the earlier tiled-SDPA formulation."""
+    from attnzoo.ops.neighborhood import na2d
+
+    heads, n, D, ks = 4, 56, 32, 7
+    for dil in (1, 2):
+        for with_rpb in (False, True):
+            q, k, v = (torch.randn(batch, n, n, heads, D, device=device, dtype=dtype) for _ in range(3))
+            ins = [q, k, v] + ([torch.randn(heads, 2 * ks - 1, 2 * ks - 1, device=device, dtype=dtype)] if with_rpb else [])
+            base = {} if with_rpb else {"tiled-sdpa-8x8": lambda i, d=dil: _tiled_sdpa_8x8(*i[:3], ks, d, D ** -0.5)}
+            yield OpCase(f"na2d d{dil}" + (" rpb" if with_rpb else ""), f"{batch}x{n}x{n}x{heads}x{D} k{ks}", ins,
+                         lambda i, b, d=dil: na2d(i[0], i[1], i[2], ks, d, rpb=i[3] if len(i) > 3 else None, backend=b),
+                         flops=4 * batch * heads * n * n * ks * ks * D, baselines=base)
+
+
+OP_BENCHES = {"gate": _gate_cases, "neighborhood": _neighborhood_cases}
+OP_COLUMNS = ["op", "shape", "method", "fwd_ms", "fwd_bwd_ms", "fwd_speedup", "fwd_bwd_speedup",
+              "fwd_gflops", "of_matmul_peak", "max_rel_err"]
+
+
+def _fwd_bwd(fn, inputs):
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    y = fn(leaves)
+    grads = torch.autograd.grad(y, leaves, torch.ones_like(y), allow_unused=True)
     return y, grads
 
 
-def bench_ops(args):
-    """Each backend that can run here against the reference, forward and forward+backward.
+def matmul_gflops(device, steps=5):
+    """The machine's float32 matmul rate in this process and thread setting: the ceiling for 'useful' FLOP/s."""
+    a = torch.randn(1024, 1024, device=device)
+    t = statistics.median(timed(lambda: (a @ a, _sync(device))) for _ in range(steps + 1))
+    return 2 * 1024 ** 3 / t / 1e9
 
-    Like flash-linear-attention's benchmarks, a backend whose outputs or gradients
-    differ from the reference's gets no speedup figure."""
+
+def bench_ops(args):
+    """Each backend that can run here and each baseline against the op's reference, forward
+    and forward+backward. As in flash-linear-attention's benchmarks, a method whose outputs or
+    gradients differ from the reference's gets no speedup figure."""
     from attnzoo.ops import _dispatch
 
     device = torch.device(args.device)
     names = args.ops or sorted(OP_BENCHES)
-    backends = ["reference", "cpu"] if device.type == "cpu" else ["reference", "triton"]
+    backends = ["cpu"] if device.type == "cpu" else ["triton"]
+    peak = matmul_gflops(device)
+    print(f"  float32 matmul: {peak:.1f} GFLOP/s")
     rows = []
     for name in names:
         if name not in OP_BENCHES:
             raise SystemExit(f"error: unknown op {name!r}; choose from {sorted(OP_BENCHES)}")
-        for op, shape, x, fn, params in OP_BENCHES[name](args.batch_size, device, torch.float32):
-            ref_y, ref_g = _fwd_bwd(fn, x, "reference", params)
-            times = {}
+        for case in OP_BENCHES[name](args.batch_size, device, torch.float32):
+            methods = {"reference": lambda i, c=case: c.run(i, "reference")}
             for b in backends:
-                if b == "triton" and _dispatch.can_run_triton([x], True) is not None:
+                if b == "triton" and _dispatch.can_run_triton(case.inputs, True) is not None:
                     continue
-                y, g = _fwd_bwd(fn, x, b, params)
-                err = max([((y - ref_y).norm() / ref_y.norm()).item()] +
-                          [((a - r).norm() / r.norm().clamp_min(1e-12)).item()
-                           for a, r in zip(g, ref_g) if a is not None and r is not None])
-                fwd, both = [], []
-                for i in range(args.warmup + args.steps):  # alternate the two modes, as the models do
+                methods[b] = lambda i, c=case, b=b: c.run(i, b)
+            methods.update(case.baselines)
+            ref_y, ref_g = _fwd_bwd(methods["reference"], case.inputs)
+            errs = {}
+            for m, fn in methods.items():
+                y, g = _fwd_bwd(fn, case.inputs)
+                errs[m] = max([((y - ref_y).norm() / ref_y.norm()).item()] +
+                              [((a - r).norm() / r.norm().clamp_min(1e-12)).item()
+                               for a, r in zip(g, ref_g) if a is not None and r is not None])
+            fwd = {m: [] for m in methods}
+            both = {m: [] for m in methods}
+            for i in range(args.warmup + args.steps):  # methods interleaved, order alternating
+                for m in (list(methods) if i % 2 == 0 else list(methods)[::-1]):
                     with torch.no_grad():
-                        tf = timed(lambda: (fn(x, b), _sync(device)))
-                    tb = timed(lambda: (_fwd_bwd(fn, x, b, params), _sync(device)))
+                        tf = timed(lambda: (methods[m](case.inputs), _sync(device)))
+                    tb = timed(lambda: (_fwd_bwd(methods[m], case.inputs), _sync(device)))
                     if i >= args.warmup:
-                        fwd.append(tf)
-                        both.append(tb)
-                times[b] = (statistics.median(fwd), statistics.median(both), err)
-            rf, rb, _ = times["reference"]
-            for b, (tf, tb, err) in times.items():
-                ok = err < 1e-4
-                rows.append(dict(op=op, shape=shape, backend=b, fwd_ms=tf * 1e3, fwd_bwd_ms=tb * 1e3,
+                        fwd[m].append(tf)
+                        both[m].append(tb)
+            rf, rb = statistics.median(fwd["reference"]), statistics.median(both["reference"])
+            for m in methods:
+                tf, tb = statistics.median(fwd[m]), statistics.median(both[m])
+                ok = errs[m] < 1e-4
+                gfl = case.flops / tf / 1e9 if case.flops else float("nan")
+                rows.append(dict(op=case.op, shape=case.shape, method=m, fwd_ms=tf * 1e3, fwd_bwd_ms=tb * 1e3,
                                  fwd_speedup=rf / tf if ok else "wrong", fwd_bwd_speedup=rb / tb if ok else "wrong",
-                                 max_rel_err=err))
-            print(f"  {op} {shape}: " + ", ".join(f"{b} {t[1] * 1e3:.1f} ms" for b, t in times.items()), flush=True)
+                                 fwd_gflops=gfl, of_matmul_peak=gfl / peak, max_rel_err=errs[m]))
+            print(f"  {case.op} {case.shape}: " + ", ".join(
+                f"{m} {statistics.median(both[m]) * 1e3:.1f} ms" for m in methods), flush=True)
     return rows
 
 

@@ -161,5 +161,5 @@ def test_benchmark_no_timing(tmp_path):
 def test_benchmark_ops_checks_before_reporting(tmp_path):
     rows = benchmark.main(["--ops", "gate", "--batch-size", "1", "--steps", "1", "--warmup", "0",
                            "--results-file", str(tmp_path / "ops.csv")])
-    assert {r["backend"] for r in rows} == {"reference", "cpu"}
+    assert {r["method"] for r in rows} == {"reference", "cpu"}
     assert all(r["max_rel_err"] < 1e-4 and isinstance(r["fwd_bwd_speedup"], float) for r in rows)
