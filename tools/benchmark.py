@@ -43,6 +43,8 @@ PEERS = {
     "eca_resnet101": "resnet101",
     "eca_resnet152": "resnet152",
     "eca_mobilenet_v2": "mobilenetv2_100",
+    # NAT/DiNAT: Swin at equal size (the comparison the NAT papers make)
+    **{f"{fam}_{size}": f"swin_{size}_patch4_window7_224" for fam in ("nat", "dinat") for size in ("tiny", "small", "base")},
     "test_cbam_resnet": "test_resnet",
     "test_eca_resnet": "test_resnet",
 }

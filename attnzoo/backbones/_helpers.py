@@ -87,3 +87,22 @@ def cfg(url: str = "", **kwargs) -> Dict[str, Any]:
         "crop_pct": 0.875, "interpolation": "bilinear", "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
         **kwargs,
     }
+
+
+class ClassifierHeadMixin:
+    """The timm classifier contract for a model whose ``head`` is a timm ``ClassifierHead``
+    and whose ``forward_features`` output feeds it."""
+
+    @torch.jit.ignore
+    def get_classifier(self) -> torch.nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool=None) -> None:
+        self.num_classes = num_classes
+        self.head.reset(num_classes, pool_type=global_pool)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))

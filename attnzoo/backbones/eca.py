@@ -22,7 +22,7 @@ from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from .._registry import register_model
 from ..layers.eca import EcaGate
-from ._helpers import cfg, remap_keys, unwrap_state_dict
+from ._helpers import ClassifierHeadMixin, cfg, remap_keys, unwrap_state_dict
 
 __all__ = ["EcaMobileNetV2"]
 
@@ -73,7 +73,7 @@ class InvertedResidual(nn.Module):
         return x + self.conv(x) if self.use_res_connect else self.conv(x)
 
 
-class EcaMobileNetV2(nn.Module):
+class EcaMobileNetV2(ClassifierHeadMixin, nn.Module):
     """ECA-MobileNetV2 with the timm model contract.
 
     Args:
@@ -143,14 +143,6 @@ class EcaMobileNetV2(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        self.head.reset(num_classes, pool_type=global_pool)
-
     def forward_intermediates(
             self,
             x: torch.Tensor,
@@ -188,11 +180,6 @@ class EcaMobileNetV2(nn.Module):
             return checkpoint_seq(self.features, x)
         return self.features(x)
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=pre_logits)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 # official ResNet keys: layerX.Y.eca.conv.weight -> timm's attn slot `se`;

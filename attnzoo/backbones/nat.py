@@ -30,7 +30,7 @@ from timm.models._features import feature_take_indices
 
 from .._registry import register_model
 from ..layers.neighborhood import NeighborhoodAttention2d
-from ._helpers import cfg, remap_keys, unwrap_state_dict
+from ._helpers import ClassifierHeadMixin, cfg, remap_keys, unwrap_state_dict
 
 __all__ = ["NeighborhoodAttentionTransformer"]
 
@@ -139,7 +139,7 @@ class NatLevel(nn.Module):
         return x if self.downsample is None else self.downsample(x)
 
 
-class NeighborhoodAttentionTransformer(nn.Module):
+class NeighborhoodAttentionTransformer(ClassifierHeadMixin, nn.Module):
     """NAT / DiNAT with the timm model contract.
 
     Features are channels-last inside; ``forward_features`` returns the normed
@@ -243,14 +243,6 @@ class NeighborhoodAttentionTransformer(nn.Module):
         for level in self.levels:
             level.grad_checkpointing = enable
 
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        self.head.reset(num_classes, pool_type=global_pool)
-
     def forward_intermediates(
             self,
             x: torch.Tensor,
@@ -299,11 +291,6 @@ class NeighborhoodAttentionTransformer(nn.Module):
             x = level(x)
         return self.norm(x)
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=pre_logits)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 # official keys are ours but the classifier: head -> head.fc (timm's ClassifierHead)
