@@ -11,14 +11,12 @@ Backends (``backend=`` or ``$ATTNZOO_BACKEND``; default: the best that can run):
 
 - ``reference``: brute-force gather of every neighborhood (``reference.py``), the oracle.
 - ``cpu``: tiled attention over zero-copy key halos with its own backward (``cpu.py``).
-- ``triton``: ``triton.py`` (CUDA); the dispatch only considers it when that module exists,
-  and checks for it without importing it.
+- ``triton``: fused flash-style forward and backward kernels (``triton.py``, CUDA); the
+  ``[N, k^2]`` attention matrix never reaches global memory. Imported only when chosen.
 
 Each backend module exposes ``na2d(q, k, v, kernel_size, dilation, stride, rpb, scale)``
 with validated arguments and per-axis tuples; 1-D attention runs as 2-D (see ``na1d``).
 """
-import dataclasses
-import importlib.util
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -31,15 +29,7 @@ __all__ = ["na1d", "na2d", "BACKENDS"]
 _TRITON_MODULE = __name__ + ".triton"
 
 
-def _can_run_triton(tensors: Sequence[torch.Tensor], forced: bool = False) -> Optional[str]:
-    # find_spec looks for the file without importing it (nor triton)
-    if importlib.util.find_spec(_TRITON_MODULE) is None:
-        return f"{_TRITON_MODULE} is not written yet"
-    return _dispatch.can_run_triton(tensors, forced)
-
-
-BACKENDS = [dataclasses.replace(b, can_run=_can_run_triton) if b.name == "triton" else b
-            for b in _dispatch.standard_backends(reference, cpu, _TRITON_MODULE)]
+BACKENDS = _dispatch.standard_backends(reference, cpu, _TRITON_MODULE)
 
 IntOrPair = Union[int, Tuple[int, int], Sequence[int]]
 

@@ -1,0 +1,534 @@
+"""Triton kernels for neighborhood attention: fused forward and fused backward.
+
+Same contract as ``reference.py`` / ``cpu.py``: ``na2d(q, k, v, kernel_size, dilation,
+stride, rpb, scale)`` with validated arguments and per-axis tuples, tensors
+``[B, H, W, heads, D]`` read in place through their strides (only a tensor whose last
+dimension is not unit-stride is copied), ``rpb`` ``[heads, 2kh-1, 2kw-1]`` or None.
+
+Geometry (all in dilation sub-grid units; residue ``r = (i % dh, j % dw)`` is a grid axis):
+
+- Query tiles of ``TH x TW`` sub-grid positions. A query's window start is computed in
+  the kernel (``_win_start``: stride leader, centre, clamp; NATTEN <= 0.17, as
+  ``reference.window_start``). Starts are non-decreasing along an axis, so a tile's keys
+  lie in the *halo* ``[start(first query), start(first query) + HALO)`` per axis, where
+  ``HALO`` (a constexpr) is the largest ``start(last) + k - start(first)`` over the tiles
+  of every sub-grid, found once per geometry on the host (``_axis_plan``).
+- Forward (``_fwd_kernel``, grid ``(tiles, dh * dw, B * heads)``): the flattened
+  ``HALO_H x HALO_W`` halo is walked in chunks of ``BLOCK_K`` keys; per chunk
+  ``S = Q K^T * scale + rpb[key - query]`` (a gather from the small rpb table),
+  ``-inf`` outside each query's ``kh x kw`` window, online softmax, ``acc += P V``
+  (``tl.dot``, fp32 accumulation; fp64 for fp64 inputs). Only the output and the fp32
+  log-sum-exp per query (``[B, H, W, heads]``) are written: the ``[N, k^2]``
+  attention matrix never leaves registers.
+- Backward, two kernels, no atomics for dQ / dK / dV:
+
+  * ``_bwd_dq_kernel`` (query tiles, same grid and halo walk): ``delta = rowsum(dO * O)``
+    (written out for the next kernel), ``P = exp(S - lse)``, ``dS = P (dO V^T - delta)``,
+    ``dQ = scale * dS K``; ``d rpb`` = ``dS`` scattered by key - query offset with fp32
+    atomics into ``RPB_SLOTS`` copies of ``[heads, 2kh-1, 2kw-1]`` (program ``i`` uses
+    copy ``i % RPB_SLOTS``, spreading the contention on the ~k^2 hot addresses), summed
+    on the host.
+  * ``_bwd_dkv_kernel`` (key tiles): the *inverse neighborhood*. The queries that see a
+    key form a contiguous interval per axis (starts are monotone), so a key tile's
+    queries are one rectangle of sub-grid positions; its origin and size per (residue,
+    tile) come from the same host plan (tiny int32 tables), so border tiles, whose clamped
+    windows are seen by more queries, do not inflate the interior tiles' walk. The kernel
+    walks that rectangle in chunks of ``BLOCK_Q`` queries, recomputes ``P^T`` and ``dS^T``
+    from q, k, lse, delta with the exact window mask, and accumulates ``dV = P^T dO``,
+    ``dK = scale * dS^T Q`` in registers;
+    every key is owned by exactly one program, so dK / dV are written once, in the
+    input dtype, deterministically (no fp32 scatter buffers, no atomics, no zeroing).
+    The price is that ``S`` is recomputed a second time (cheaper than contended
+    atomics on ``N * D`` addresses at k^2-fold overlap, and deterministic).
+
+Low precision: ``P`` and ``dS`` are cast to the input dtype for their matmuls (as in
+FlashAttention); everything else is fp32. fp32 matmuls honour
+``torch.backends.cuda.matmul.allow_tf32`` (off by default, so IEEE fp32).
+
+Layers, as ``gate/triton.py``: ``@triton.jit`` kernels, host launchers,
+``torch.autograd.Function``, public ``na2d``.
+"""
+import bisect
+from functools import lru_cache
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import _dispatch
+from .reference import window_start
+
+__all__ = ["na2d", "forward", "backward"]
+
+# Tile / chunk sizes (powers of two, >= 16 elements so every tl.dot has legal shapes).
+_BLOCK_Q = 64  # queries (or keys, in the dK / dV kernel) per tile
+_MAX_TILE_W = 8  # tile width cap; the rest of _BLOCK_Q goes to the height
+_BLOCK_K = 64  # halo keys per chunk (forward, dQ); queries per chunk in dK / dV
+_RPB_SLOTS = 16  # copies of the rpb gradient the atomics are spread over
+
+
+# --------------------------------------------------------------------------- kernels
+
+@triton.jit
+def _win_start(p, n, K: tl.constexpr, S: tl.constexpr):
+    """Window start (sub-grid units) of position ``p`` of a sub-grid of length ``n >= K``."""
+    leader = tl.minimum(p - p % S + S // 2, n - 1)
+    return tl.minimum(tl.maximum(leader - K // 2, 0), n - K)
+
+
+@triton.jit
+def _dot(a, b, ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """``a @ b`` accumulated in ``ACC``; ``UPCAST``: operands to fp32 first (the interpreter's
+    bf16 ``tl.dot`` multiplies the raw bits; exact, as bf16 products are exact in fp32)."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, input_precision=PREC, out_dtype=ACC)
+
+
+@triton.jit
+def _fwd_kernel(
+        q_ptr, k_ptr, v_ptr, rpb_ptr, o_ptr, lse_ptr, scale_ptr,
+        H, W, NH, DIM, DH, DW, NTW,
+        sqb, sqh, sqw, sqn, skb, skh, skw, skn, svb, svh, svw, svn, sob, soh, sow, son,
+        srn, srh, srw,
+        KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+        TH: tl.constexpr, TW: tl.constexpr, HALO_H: tl.constexpr, HALO_W: tl.constexpr,
+        BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+        HAS_RPB: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid_t, pid_r, pid_bn = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b = (pid_bn // NH).to(tl.int64)  # int64: b * sqb overflows int32 on large maps
+    head = (pid_bn % NH).to(tl.int64)
+    rh, rw = pid_r // DW, pid_r % DW
+    n_h = (H - rh + DH - 1) // DH  # length of this residue's sub-grid on each axis
+    n_w = (W - rw + DW - 1) // DW
+    t0h, t0w = (pid_t // NTW) * TH, (pid_t % NTW) * TW
+    offs_q = tl.arange(0, TH * TW)
+    qh, qw = t0h + offs_q // TW, t0w + offs_q % TW
+    q_ok = (qh < n_h) & (qw < n_w)
+    sh, sw = _win_start(qh, n_h, KH, SH), _win_start(qw, n_w, KW, SW)
+    h0, w0 = _win_start(t0h, n_h, KH, SH), _win_start(t0w, n_w, KW, SW)  # halo origin
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < DIM
+    q_row, q_col = qh * DH + rh, qw * DW + rw
+    qmask = q_ok[:, None] & d_ok[None, :]
+    q = tl.load(q_ptr + b * sqb + head * sqn + q_row[:, None] * sqh + q_col[:, None] * sqw + offs_d[None, :],
+                mask=qmask, other=0.0)
+    scale = tl.load(scale_ptr)
+    m_i = tl.full([TH * TW], -1.0e30, ACC)  # finite start of the running max: no inf - inf
+    l_i = tl.zeros([TH * TW], ACC)
+    acc = tl.zeros([TH * TW, BLOCK_D], ACC)
+    for kb in range(0, HALO_H * HALO_W, BLOCK_K):
+        offs_k = kb + tl.arange(0, BLOCK_K)
+        kh, kw = h0 + offs_k // HALO_W, w0 + offs_k % HALO_W
+        k_ok = (offs_k < HALO_H * HALO_W) & (kh < n_h) & (kw < n_w)
+        k_row, k_col = kh * DH + rh, kw * DW + rw
+        kmask = k_ok[:, None] & d_ok[None, :]
+        kt = tl.load(k_ptr + b * skb + head * skn + k_row[:, None] * skh + k_col[:, None] * skw + offs_d[None, :],
+                     mask=kmask, other=0.0)
+        s = _dot(q, tl.trans(kt), ACC, PREC, UPCAST) * scale
+        ok = (q_ok[:, None] & k_ok[None, :]
+              & (kh[None, :] >= sh[:, None]) & (kh[None, :] < sh[:, None] + KH)
+              & (kw[None, :] >= sw[:, None]) & (kw[None, :] < sw[:, None] + KW))
+        if HAS_RPB:
+            ih = kh[None, :] - qh[:, None] + (KH - 1)
+            iw = kw[None, :] - qw[:, None] + (KW - 1)
+            s += tl.load(rpb_ptr + head * srn + ih * srh + iw * srw, mask=ok, other=0.0).to(ACC)
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        vt = tl.load(v_ptr + b * svb + head * svn + k_row[:, None] * svh + k_col[:, None] * svw + offs_d[None, :],
+                     mask=kmask, other=0.0)
+        acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, ACC, PREC, UPCAST)
+        m_i = m_new
+    l_i = tl.where(q_ok, l_i, 1.0)  # padding queries: no division by zero
+    out = acc / l_i[:, None]
+    tl.store(o_ptr + b * sob + head * son + q_row[:, None] * soh + q_col[:, None] * sow + offs_d[None, :],
+             out.to(o_ptr.dtype.element_ty), mask=qmask)
+    lse = m_i + tl.log(l_i)
+    tl.store(lse_ptr + ((b * H + q_row) * W + q_col) * NH + head, lse.to(lse_ptr.dtype.element_ty), mask=q_ok)
+
+
+@triton.jit
+def _bwd_dq_kernel(
+        q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, rpb_ptr, lse_ptr, delta_ptr, dq_ptr, drpb_ptr, scale_ptr,
+        H, W, NH, DIM, DH, DW, NTW, NTILES,
+        sqb, sqh, sqw, sqn, skb, skh, skw, skn, svb, svh, svw, svn, sob, soh, sow, son,
+        sgb, sgh, sgw, sgn, sdb, sdh, sdw, sdn, srn, srh, srw,
+        KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+        TH: tl.constexpr, TW: tl.constexpr, HALO_H: tl.constexpr, HALO_W: tl.constexpr,
+        BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, RPB_SLOTS: tl.constexpr,
+        HAS_RPB: tl.constexpr, NEED_DRPB: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+        UPCAST: tl.constexpr,
+):
+    pid_t, pid_r, pid_bn = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b = (pid_bn // NH).to(tl.int64)
+    head = (pid_bn % NH).to(tl.int64)
+    rh, rw = pid_r // DW, pid_r % DW
+    n_h = (H - rh + DH - 1) // DH
+    n_w = (W - rw + DW - 1) // DW
+    t0h, t0w = (pid_t // NTW) * TH, (pid_t % NTW) * TW
+    offs_q = tl.arange(0, TH * TW)
+    qh, qw = t0h + offs_q // TW, t0w + offs_q % TW
+    q_ok = (qh < n_h) & (qw < n_w)
+    sh, sw = _win_start(qh, n_h, KH, SH), _win_start(qw, n_w, KW, SW)
+    h0, w0 = _win_start(t0h, n_h, KH, SH), _win_start(t0w, n_w, KW, SW)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < DIM
+    q_row, q_col = qh * DH + rh, qw * DW + rw
+    qmask = q_ok[:, None] & d_ok[None, :]
+    q = tl.load(q_ptr + b * sqb + head * sqn + q_row[:, None] * sqh + q_col[:, None] * sqw + offs_d[None, :],
+                mask=qmask, other=0.0)
+    do = tl.load(do_ptr + b * sgb + head * sgn + q_row[:, None] * sgh + q_col[:, None] * sgw + offs_d[None, :],
+                 mask=qmask, other=0.0)
+    o = tl.load(o_ptr + b * sob + head * son + q_row[:, None] * soh + q_col[:, None] * sow + offs_d[None, :],
+                mask=qmask, other=0.0)
+    delta = tl.sum(do.to(ACC) * o.to(ACC), 1)
+    row_off = ((b * H + q_row) * W + q_col) * NH + head
+    tl.store(delta_ptr + row_off, delta.to(delta_ptr.dtype.element_ty), mask=q_ok)
+    lse = tl.load(lse_ptr + row_off, mask=q_ok, other=0.0).to(ACC)
+    scale = tl.load(scale_ptr)
+    dq = tl.zeros([TH * TW, BLOCK_D], ACC)
+    for kb in range(0, HALO_H * HALO_W, BLOCK_K):
+        offs_k = kb + tl.arange(0, BLOCK_K)
+        kh, kw = h0 + offs_k // HALO_W, w0 + offs_k % HALO_W
+        k_ok = (offs_k < HALO_H * HALO_W) & (kh < n_h) & (kw < n_w)
+        k_row, k_col = kh * DH + rh, kw * DW + rw
+        kmask = k_ok[:, None] & d_ok[None, :]
+        kt = tl.load(k_ptr + b * skb + head * skn + k_row[:, None] * skh + k_col[:, None] * skw + offs_d[None, :],
+                     mask=kmask, other=0.0)
+        vt = tl.load(v_ptr + b * svb + head * svn + k_row[:, None] * svh + k_col[:, None] * svw + offs_d[None, :],
+                     mask=kmask, other=0.0)
+        s = _dot(q, tl.trans(kt), ACC, PREC, UPCAST) * scale
+        ok = (q_ok[:, None] & k_ok[None, :]
+              & (kh[None, :] >= sh[:, None]) & (kh[None, :] < sh[:, None] + KH)
+              & (kw[None, :] >= sw[:, None]) & (kw[None, :] < sw[:, None] + KW))
+        ih = kh[None, :] - qh[:, None] + (KH - 1)
+        iw = kw[None, :] - qw[:, None] + (KW - 1)
+        if HAS_RPB:
+            s += tl.load(rpb_ptr + head * srn + ih * srh + iw * srw, mask=ok, other=0.0).to(ACC)
+        p = tl.exp(tl.where(ok, s - lse[:, None], float("-inf")))
+        dp = _dot(do, tl.trans(vt), ACC, PREC, UPCAST)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(kt.dtype), kt, ACC, PREC, UPCAST)
+        if NEED_DRPB:
+            # this program's copy of the rpb gradient
+            slot = ((b * tl.num_programs(1) + pid_r) * NTILES + pid_t) % RPB_SLOTS
+            drpb_slot = drpb_ptr + (slot * NH + head) * ((2 * KH - 1) * (2 * KW - 1))
+            tl.atomic_add(drpb_slot + ih * (2 * KW - 1) + iw, ds, mask=ok)
+    dq = dq * scale
+    tl.store(dq_ptr + b * sdb + head * sdn + q_row[:, None] * sdh + q_col[:, None] * sdw + offs_d[None, :],
+             dq.to(dq_ptr.dtype.element_ty), mask=qmask)
+
+
+@triton.jit
+def _bwd_dkv_kernel(
+        q_ptr, k_ptr, v_ptr, do_ptr, rpb_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, qoh_ptr, qow_ptr, scale_ptr,
+        H, W, NH, DIM, DH, DW, NTH, NTW,
+        sqb, sqh, sqw, sqn, skb, skh, skw, skn, svb, svh, svw, svn,
+        sgb, sgh, sgw, sgn, sob, soh, sow, son, srn, srh, srw,
+        KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+        TH: tl.constexpr, TW: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
+        HAS_RPB: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid_t, pid_r, pid_bn = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b = (pid_bn // NH).to(tl.int64)
+    head = (pid_bn % NH).to(tl.int64)
+    rh, rw = pid_r // DW, pid_r % DW
+    n_h = (H - rh + DH - 1) // DH
+    n_w = (W - rw + DW - 1) // DW
+    tile_h, tile_w = pid_t // NTW, pid_t % NTW
+    offs_k = tl.arange(0, TH * TW)
+    kh, kw = tile_h * TH + offs_k // TW, tile_w * TW + offs_k % TW
+    k_ok = (kh < n_h) & (kw < n_w)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < DIM
+    k_row, k_col = kh * DH + rh, kw * DW + rw
+    kmask = k_ok[:, None] & d_ok[None, :]
+    kt = tl.load(k_ptr + b * skb + head * skn + k_row[:, None] * skh + k_col[:, None] * skw + offs_d[None, :],
+                 mask=kmask, other=0.0)
+    vt = tl.load(v_ptr + b * svb + head * svn + k_row[:, None] * svh + k_col[:, None] * svw + offs_d[None, :],
+                 mask=kmask, other=0.0)
+    # the queries (per axis) whose windows reach this key tile: first one and count, from
+    # the host tables [residue, tile, 2]; a count of 0 leaves dk = dv = 0
+    q0h = tl.load(qoh_ptr + (rh * NTH + tile_h) * 2)
+    neh = tl.load(qoh_ptr + (rh * NTH + tile_h) * 2 + 1)
+    q0w = tl.load(qow_ptr + (rw * NTW + tile_w) * 2)
+    new = tl.load(qow_ptr + (rw * NTW + tile_w) * 2 + 1)
+    scale = tl.load(scale_ptr)
+    dk = tl.zeros([TH * TW, BLOCK_D], ACC)
+    dv = tl.zeros([TH * TW, BLOCK_D], ACC)
+    for qb in range(0, neh * new, BLOCK_Q):
+        offs_q = qb + tl.arange(0, BLOCK_Q)
+        qh, qw = q0h + offs_q // new, q0w + offs_q % new
+        q_ok = (offs_q < neh * new) & (qh < n_h) & (qw < n_w)
+        sh, sw = _win_start(qh, n_h, KH, SH), _win_start(qw, n_w, KW, SW)
+        q_row, q_col = qh * DH + rh, qw * DW + rw
+        qmask = q_ok[:, None] & d_ok[None, :]
+        q = tl.load(q_ptr + b * sqb + head * sqn + q_row[:, None] * sqh + q_col[:, None] * sqw + offs_d[None, :],
+                    mask=qmask, other=0.0)
+        do = tl.load(do_ptr + b * sgb + head * sgn + q_row[:, None] * sgh + q_col[:, None] * sgw + offs_d[None, :],
+                     mask=qmask, other=0.0)
+        row_off = ((b * H + q_row) * W + q_col) * NH + head
+        lse = tl.load(lse_ptr + row_off, mask=q_ok, other=0.0).to(ACC)
+        delta = tl.load(delta_ptr + row_off, mask=q_ok, other=0.0).to(ACC)
+        # transposed scores: keys on rows, queries on columns
+        st = _dot(kt, tl.trans(q), ACC, PREC, UPCAST) * scale
+        ok = (k_ok[:, None] & q_ok[None, :]
+              & (kh[:, None] >= sh[None, :]) & (kh[:, None] < sh[None, :] + KH)
+              & (kw[:, None] >= sw[None, :]) & (kw[:, None] < sw[None, :] + KW))
+        if HAS_RPB:
+            ih = kh[:, None] - qh[None, :] + (KH - 1)
+            iw = kw[:, None] - qw[None, :] + (KW - 1)
+            st += tl.load(rpb_ptr + head * srn + ih * srh + iw * srw, mask=ok, other=0.0).to(ACC)
+        pt = tl.exp(tl.where(ok, st - lse[None, :], float("-inf")))
+        dv += _dot(pt.to(do.dtype), do, ACC, PREC, UPCAST)
+        dpt = _dot(vt, tl.trans(do), ACC, PREC, UPCAST)
+        dst = pt * (dpt - delta[None, :])
+        dk += _dot(dst.to(q.dtype), q, ACC, PREC, UPCAST)
+    dk = dk * scale
+    out_off = b * sob + head * son + k_row[:, None] * soh + k_col[:, None] * sow + offs_d[None, :]
+    tl.store(dk_ptr + out_off, dk.to(dk_ptr.dtype.element_ty), mask=kmask)
+    tl.store(dv_ptr + out_off, dv.to(dv_ptr.dtype.element_ty), mask=kmask)
+
+
+# --------------------------------------------------------------------------- host plan
+
+@lru_cache(maxsize=128)
+def _sub_starts(length: int, k: int, d: int, s: int, r: int) -> Tuple[int, ...]:
+    """Window starts (sub-grid units) of every position of residue ``r``'s sub-grid."""
+    n = (length - r + d - 1) // d
+    return tuple((window_start(r + p * d, length, k, d, s) - r) // d for p in range(n))
+
+
+@lru_cache(maxsize=128)
+def _axis_plan(length: int, k: int, d: int, s: int, t: int):
+    """Per-axis tiling: ``(n_tiles, halo, qhalo, qrange)``.
+
+    Tiles of ``t`` sub-grid positions, counted on the longest sub-grid. ``halo``: the
+    largest key extent of a query tile, ``start(last) + k - start(first)``.
+    ``qrange[r][m] = (first, count)``: the queries of residue ``r``'s sub-grid that see a
+    key of key tile ``m`` (``(0, 0)`` when none does); ``qhalo``: the largest count. Exact
+    for every residue (sub-grids of a dilated axis differ in length by one).
+    """
+    n_long = -(-length // d)
+    n_tiles = -(-n_long // t)
+    halo, qhalo = 1, 1
+    qrange = []
+    for r in range(d):
+        st = _sub_starts(length, k, d, s, r)
+        ends = [x + k for x in st]  # exclusive window ends, non-decreasing like the starts
+        n = len(st)
+        row = []
+        for m in range(n_tiles):
+            a, b = m * t, min(m * t + t, n)
+            if a >= n:
+                row.append((0, 0))
+                continue
+            halo = max(halo, st[b - 1] + k - st[a])
+            first = bisect.bisect_right(ends, a)  # first query whose window ends past key a
+            last = bisect.bisect_right(st, b - 1) - 1  # last query whose window starts at or before key b-1
+            if first <= last:
+                qhalo = max(qhalo, last - first + 1)
+                row.append((first, last - first + 1))
+            else:
+                row.append((0, 0))
+        qrange.append(tuple(row))
+    return n_tiles, halo, qhalo, tuple(qrange)
+
+
+def _tiles(n_h: int, n_w: int, block_q: int, max_tile_w: int) -> Tuple[int, int]:
+    """Query tile ``(TH, TW)`` in sub-grid units: powers of two, ``TH * TW`` in ``[16, block_q]``."""
+    tw = min(triton.next_power_of_2(n_w), max_tile_w)
+    th = min(triton.next_power_of_2(n_h), max(block_q // tw, 1))
+    while th * tw < 16:  # tl.dot needs >= 16 rows; the extra rows are masked
+        th *= 2
+    return th, tw
+
+
+class _Plan:
+    """Tiles, halos and inverse-halo tables of one geometry (and one set of block sizes)."""
+
+    def __init__(self, H, W, kernel_size, dilation, stride, block_q, max_tile_w, block_k):
+        (kh, kw), (dh, dw), (sh, sw) = kernel_size, dilation, stride
+        self.th, self.tw = _tiles(-(-H // dh), -(-W // dw), block_q, max_tile_w)
+        self.nth, self.halo_h, self.qhalo_h, self.qrange_h = _axis_plan(H, kh, dh, sh, self.th)
+        self.ntw, self.halo_w, self.qhalo_w, self.qrange_w = _axis_plan(W, kw, dw, sw, self.tw)
+        self.block_k = max(16, min(block_k, triton.next_power_of_2(self.halo_h * self.halo_w)))
+        self.block_q = max(16, min(block_k, triton.next_power_of_2(self.qhalo_h * self.qhalo_w)))
+        self._tables = {}
+
+    def tables(self, device):
+        """The ``qrange`` tables as int32 ``[d, n_tiles, 2]`` tensors on ``device`` (cached)."""
+        if device not in self._tables:
+            self._tables[device] = tuple(torch.tensor(t, dtype=torch.int32, device=device)
+                                         for t in (self.qrange_h, self.qrange_w))
+        return self._tables[device]
+
+
+@lru_cache(maxsize=64)
+def _plan(H, W, kernel_size, dilation, stride, block_q, max_tile_w, block_k) -> _Plan:
+    return _Plan(H, W, kernel_size, dilation, stride, block_q, max_tile_w, block_k)
+
+
+# --------------------------------------------------------------------------- launchers
+
+def _acc_dtype(dtype: torch.dtype):
+    """(triton, torch) accumulator dtypes: fp64 stays fp64 so it can serve as a tight oracle."""
+    return (tl.float64, torch.float64) if dtype == torch.float64 else (tl.float32, torch.float32)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # tf32 only where torch itself would use it for an fp32 matmul (the flag is off by default)
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "ieee" if dtype == torch.float64 else "tf32"
+
+
+def _upcast(dtype: torch.dtype) -> bool:
+    return dtype == torch.bfloat16 and _dispatch.triton_interpreting()
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    """``t`` read in place when its channel dim is unit-stride (any other strides), else a copy."""
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def _strides(t: torch.Tensor) -> Tuple[int, int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
+
+
+def _rpb_args(rpb: Optional[torch.Tensor]):
+    if rpb is None:
+        return None, (0, 0, 0)
+    return rpb, rpb.stride()
+
+
+def _block_sizes(dtype: torch.dtype, block_d: int) -> Tuple[int, int]:
+    """(queries per tile, keys per chunk). 4- and 8-byte dtypes take the FMA path of ``tl.dot``,
+    whose operand staging needs more shared memory: smaller blocks keep the backward kernels
+    under sm_90's 227 KiB at D = 128 (sizes checked by compiling for sm_90)."""
+    bq, bk = _BLOCK_Q, _BLOCK_K
+    if dtype == torch.float64:
+        bq, bk = min(bq, 32), min(bk, 32 if block_d <= 64 else 16)
+    elif dtype == torch.float32 and block_d >= 128:
+        bq, bk = min(bq, 32), min(bk, 32)
+    return bq, bk
+
+
+def _common(q, kernel_size, dilation, stride):
+    B, H, W, NH, D = q.shape
+    block_d = max(16, triton.next_power_of_2(D))
+    bq, bk = _block_sizes(q.dtype, block_d)
+    plan = _plan(H, W, tuple(kernel_size), tuple(dilation), tuple(stride), bq, _MAX_TILE_W, bk)
+    grid = (plan.nth * plan.ntw, dilation[0] * dilation[1], B * NH)
+    return plan, grid, block_d
+
+
+def _scale_tensor(scale: float, acc_torch, device) -> torch.Tensor:
+    # a pointer rather than a float argument: Triton would round a float scalar to fp32
+    return torch.full((1,), scale, dtype=acc_torch, device=device)
+
+
+def forward(q, k, v, kernel_size, dilation, stride, rpb, scale) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Output ``[B, H, W, heads, D]`` (q's dtype) and log-sum-exp ``[B, H, W, heads]`` (fp32; fp64 for fp64)."""
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    B, H, W, NH, D = q.shape
+    plan, grid, block_d = _common(q, kernel_size, dilation, stride)
+    acc, acc_torch = _acc_dtype(q.dtype)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, W, NH), dtype=acc_torch, device=q.device)
+    rpb, sr = _rpb_args(rpb)
+    _fwd_kernel[grid](
+        q, k, v, rpb, out, lse, _scale_tensor(scale, acc_torch, q.device),
+        H, W, NH, D, dilation[0], dilation[1], plan.ntw,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(out), *sr,
+        KH=kernel_size[0], KW=kernel_size[1], SH=stride[0], SW=stride[1],
+        TH=plan.th, TW=plan.tw, HALO_H=plan.halo_h, HALO_W=plan.halo_w,
+        BLOCK_K=plan.block_k, BLOCK_D=block_d,
+        HAS_RPB=rpb is not None, ACC=acc, PREC=_precision(q.dtype), UPCAST=_upcast(q.dtype),
+    )
+    return out, lse
+
+
+def backward(do, q, k, v, out, lse, kernel_size, dilation, stride, rpb, scale,
+             need_dkv: bool = True, need_drpb: bool = True):
+    """``dq, dk, dv, drpb`` (dk, dv None unless ``need_dkv``; drpb None without rpb or ``need_drpb``).
+
+    ``out`` and ``lse`` are ``forward``'s; dq / dk / dv come in the inputs' dtype, drpb in rpb's.
+    """
+    q, k, v, do = _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(do)
+    B, H, W, NH, D = q.shape
+    plan, grid, block_d = _common(q, kernel_size, dilation, stride)
+    acc, acc_torch = _acc_dtype(q.dtype)
+    prec = _precision(q.dtype)
+    scale_t = _scale_tensor(scale, acc_torch, q.device)
+    rpb_t, sr = _rpb_args(rpb)
+    need_drpb = need_drpb and rpb is not None
+    kh, kw = kernel_size
+    delta = torch.empty((B, H, W, NH), dtype=acc_torch, device=q.device)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    slots = min(_RPB_SLOTS, grid[0] * grid[1] * B)
+    drpb = torch.zeros((slots, NH, 2 * kh - 1, 2 * kw - 1), dtype=acc_torch, device=q.device) if need_drpb else None
+    consts = dict(KH=kh, KW=kw, SH=stride[0], SW=stride[1], TH=plan.th, TW=plan.tw,
+                  BLOCK_D=block_d, HAS_RPB=rpb is not None, ACC=acc, PREC=prec, UPCAST=_upcast(q.dtype))
+    _bwd_dq_kernel[grid](
+        q, k, v, out, do, rpb_t, lse, delta, dq, drpb, scale_t,
+        H, W, NH, D, dilation[0], dilation[1], plan.ntw, grid[0],
+        *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(do), *_strides(dq), *sr,
+        HALO_H=plan.halo_h, HALO_W=plan.halo_w, BLOCK_K=plan.block_k,
+        RPB_SLOTS=slots, NEED_DRPB=need_drpb, **consts,
+    )
+    dk = dv = None
+    if need_dkv:
+        dk = torch.empty(q.shape, dtype=k.dtype, device=q.device)
+        dv = torch.empty(q.shape, dtype=v.dtype, device=q.device)
+        qoh, qow = plan.tables(q.device)
+        _bwd_dkv_kernel[grid](
+            q, k, v, do, rpb_t, lse, delta, dk, dv, qoh, qow, scale_t,
+            H, W, NH, D, dilation[0], dilation[1], plan.nth, plan.ntw,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *sr,
+            BLOCK_Q=plan.block_q, **consts,
+        )
+    if drpb is not None:
+        drpb = drpb.sum(0).to(rpb.dtype)
+    return dq, dk, dv, drpb
+
+
+# --------------------------------------------------------------------------- autograd
+
+class _NA2D(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, rpb, kernel_size, dilation, stride, scale):
+        out, lse = forward(q, k, v, kernel_size, dilation, stride, rpb, scale)
+        ctx.save_for_backward(q, k, v, rpb, out, lse)
+        ctx.geometry = (kernel_size, dilation, stride, scale)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do):
+        q, k, v, rpb, out, lse = ctx.saved_tensors
+        need_q, need_k, need_v, need_rpb = ctx.needs_input_grad[:4]
+        if not (need_q or need_k or need_v or need_rpb):
+            return (None,) * 8
+        kernel_size, dilation, stride, scale = ctx.geometry
+        dq, dk, dv, drpb = backward(do, q, k, v, out, lse, kernel_size, dilation, stride, rpb, scale,
+                                    need_dkv=need_k or need_v, need_drpb=need_rpb)
+        return (dq if need_q else None, dk if need_k else None, dv if need_v else None,
+                drpb if need_rpb else None, None, None, None, None)
+
+
+# --------------------------------------------------------------------------- public
+
+def na2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: Tuple[int, int],
+         dilation: Tuple[int, int], stride: Tuple[int, int], rpb: Optional[torch.Tensor],
+         scale: float) -> torch.Tensor:
+    """Neighborhood attention on ``[B, H, W, heads, D]`` (validated args, per-axis tuples; see ``__init__``)."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, rpb)):
+        return _NA2D.apply(q, k, v, rpb, tuple(kernel_size), tuple(dilation), tuple(stride), float(scale))
+    return forward(q, k, v, kernel_size, dilation, stride, rpb, scale)[0]

@@ -1,0 +1,389 @@
+"""Triton neighborhood-attention backend against the reference oracle: forward and
+dq / dk / dv / drpb through the public ``na2d`` / ``na1d`` with backend="triton", plus the
+host-side tiling plan the kernels rely on.
+
+Where the kernels run, decided once at import (the harness of ``test_gate_triton.py``):
+
+- in this process on CPU tensors, when the Triton interpreter is active;
+- in this process on CUDA tensors, when a GPU is present and TRITON_INTERPRET is unset;
+- otherwise in a child ``pytest`` of this file with ``TRITON_INTERPRET=1``
+  (``test_kernels_in_interpreter_subprocess``; the other tests are then not collected).
+
+Triton reads TRITON_INTERPRET when a function is decorated with ``@triton.jit``, including
+its own library functions (decorated when ``triton.language`` is first imported, which
+``import attnzoo`` already does via timm), so the flag has to be set before the process
+starts. For fast iteration on this file alone:
+``TRITON_INTERPRET=1 pytest tests/ops/test_neighborhood_triton.py``.
+
+The interpreter is slow, so the default cases are few and chosen to cover each feature
+(odd maps, D padding, k 3/5/7, dilation with unequal sub-grids, odd and even strides,
+per-axis tuples, rpb on/off, several tiles and halo chunks per map); ``ATTNZOO_SLOW=1``
+adds a seeded random sweep (k up to 13, D up to 40, every dtype).
+"""
+import importlib
+import importlib.util
+import os
+import random
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed", allow_module_level=True)
+
+import attnzoo  # noqa: E402
+from attnzoo.ops import neighborhood as nbh  # noqa: E402
+from attnzoo.ops.neighborhood import reference  # noqa: E402
+
+_CHILD_FLAG = "_ATTNZOO_NEIGHBORHOOD_TRITON_CHILD"
+SLOW = os.environ.get("ATTNZOO_SLOW") == "1"
+
+
+def _interpreter_active() -> bool:
+    lang = sys.modules.get("triton.language")
+    if lang is None:  # not imported yet: the environment decides
+        return os.environ.get("TRITON_INTERPRET") == "1"
+    return type(lang.sum).__name__ == "InterpretedFunction"
+
+
+if _interpreter_active():
+    DEVICE = "cpu"
+elif os.environ.get("TRITON_INTERPRET") != "1" and torch.cuda.is_available():
+    DEVICE = "cuda"
+else:
+    DEVICE = None  # run in a child process
+    if os.environ.get(_CHILD_FLAG):
+        raise RuntimeError("TRITON_INTERPRET=1 did not take effect in the child process")
+
+tri = importlib.import_module("attnzoo.ops.neighborhood.triton") if DEVICE else None
+
+
+def kernel_test(fn):
+    """Collect ``fn`` only where the kernels can run in this process."""
+    fn.__test__ = DEVICE is not None
+    return fn
+
+
+def test_kernels_in_interpreter_subprocess():
+    root = Path(attnzoo.__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1", **{_CHILD_FLAG: "1"})
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH")) if p)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q", "-p", "no:cacheprovider"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=1800 if SLOW else 600,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, "interpreter run failed:\n" + out[-12000:]
+    print(out.strip().splitlines()[-1])  # the child's summary, shown with -s / -rP
+
+
+test_kernels_in_interpreter_subprocess.__test__ = DEVICE is None
+
+
+# --------------------------------------------------------------------------- cases
+
+LOW = (torch.bfloat16, torch.float16)
+# |actual - expected| <= atol * max|expected| + rtol * |expected|, against a float64
+# reference on the same (rounded) inputs. fp32 is ~3e-7 in practice; fp16 / bf16 pay
+# for P and dS being rounded to the input dtype before their matmuls (as FlashAttention).
+TOL = {
+    torch.float64: (1e-12, 1e-12),
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (5e-3, 5e-3),
+    torch.bfloat16: (3e-2, 3e-2),
+}
+F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
+
+# (B, H, W, heads, D, kernel, dilation, stride, rpb, dtypes)
+CASES_2D = [
+    (1, 7, 9, 1, 8, 3, 1, 1, False, (F32,)),
+    (2, 7, 9, 2, 16, 3, 1, 2, True, (F32, F16)),
+    (1, 11, 13, 2, 24, 5, 1, 1, True, (F32, BF16)),  # D=24: padded to 32, masked
+    (1, 11, 13, 1, 8, 3, 3, 2, True, (F32, F64)),  # sub-grids of lengths 4,4,3 x 5,4,4
+    (1, 16, 15, 2, 16, 7, 2, 1, True, (F32, BF16, F16)),
+    (2, 16, 16, 1, 8, 7, 1, 2, True, (F32,)),  # 2 x 2 tiles, 4 halo chunks
+    (1, 13, 16, 1, 8, (3, 5), (2, 3), (2, 1), True, (F32,)),
+    (1, 16, 15, 1, 8, (5, 7), (3, 2), (3, 4), False, (F32, F64)),  # odd and even strides
+    (1, 15, 14, 1, 40, (13, 9), 1, (2, 3), True, (F32,)),  # largest kernel; D=40 padded to 64
+]
+
+# (B, L, heads, D, kernel, dilation, stride, rpb, dtypes)
+CASES_1D = [
+    (2, 9, 1, 8, 3, 1, 1, False, (F32,)),
+    (1, 23, 2, 16, 7, 2, 3, True, (F32, BF16)),
+]
+
+
+def _id(*fields):
+    b, h, w, n, d, k, dl, s, r = fields
+    if w is None:
+        text = f"B{b}-L{h}-h{n}-D{d}-k{k}-d{dl}-s{s}"
+    else:
+        text = f"B{b}-H{h}-W{w}-h{n}-D{d}-k{k}-d{dl}-s{s}"
+    return (text + ("-rpb" if r else "-norpb")).replace(" ", "")
+
+
+def _dtype_id(d):
+    return str(d).replace("torch.", "")
+
+
+def _expand(cases, one_d=False):
+    params, ids = [], []
+    for c in cases:
+        *geo, dtypes = c
+        for dt in dtypes:
+            params.append((*geo, dt))
+            if one_d:
+                b, L, n, d, k, dl, s, r = geo
+                ids.append(_id(b, L, None, n, d, k, dl, s, r) + "-" + _dtype_id(dt))
+            else:
+                ids.append(_id(*geo) + "-" + _dtype_id(dt))
+    return params, ids
+
+
+def _slow_cases():
+    """Seeded random geometries for ATTNZOO_SLOW=1: every kernel size 1..13, D up to 40."""
+    rng = random.Random(1234)
+    out = []
+    for i in range(40):
+        kh, kw = rng.choice([1, 3, 5, 7, 9, 11, 13]), rng.choice([3, 5, 7, 9, 11, 13])
+        dh, dw = rng.randint(1, 3), rng.randint(1, 3)
+        if kh * dh > 30 or kw * dw > 30:
+            dh = dw = 1
+        sh, sw = rng.randint(1, kh), rng.randint(1, kw)
+        H, W = rng.randint(kh * dh, kh * dh + 9), rng.randint(kw * dw, kw * dw + 9)
+        D = rng.choice([3, 8, 16, 24, 40])
+        dtype = rng.choice([F64, F64, F32, BF16, F16])
+        out.append((rng.randint(1, 2), H, W, rng.randint(1, 2), D, (kh, kw), (dh, dw), (sh, sw),
+                    rng.random() < 0.7, (dtype,)))
+    return out
+
+
+P2D, I2D = _expand(CASES_2D + (_slow_cases() if SLOW else []))
+P1D, I1D = _expand(CASES_1D, one_d=True)
+
+
+def _gen(*key) -> torch.Generator:
+    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
+
+
+def _pair(x):
+    return (x, x) if isinstance(x, int) else tuple(x)
+
+
+def _inputs(shape, rpb_shape, dtype, key):
+    """q, k, v, rpb, dy rounded to ``dtype`` (float64 values; the caller picks the precision)."""
+    g = _gen(*key)
+    ts = [torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(3)]
+    rpb = torch.randn(rpb_shape, generator=g, dtype=torch.float64) if rpb_shape is not None else None
+    dy = torch.randn(shape, generator=g, dtype=torch.float64)
+    rnd = [t.to(dtype).double() if t is not None else None for t in (*ts, rpb, dy)]
+    return rnd
+
+
+def _run(fn, q, k, v, rpb, dy, dtype, device, backend):
+    """Output and (dq, dk, dv[, drpb]) of one backend in ``dtype`` on ``device``."""
+    leaves = [t.to(device=device, dtype=dtype).requires_grad_() for t in (q, k, v)]
+    r = rpb.to(device=device, dtype=dtype).requires_grad_() if rpb is not None else None
+    y = fn(*leaves, r, backend)
+    grads = torch.autograd.grad(y, leaves + ([r] if r is not None else []), dy.to(device=device, dtype=dtype))
+    return y, grads
+
+
+def _check(actual, expected, dtype, what):
+    assert actual is not None and expected is not None, f"{what}: missing"
+    assert actual.dtype == dtype, f"{what}: dtype {actual.dtype}, expected {dtype}"
+    rtol, atol = TOL[dtype]
+    expected = expected.detach()
+    actual = actual.detach().cpu().to(expected.dtype)
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol * scale, msg=lambda m: f"{what}: {m}")
+
+
+def _compare(fn, q, k, v, rpb, dy, dtype):
+    y_ref, g_ref = _run(fn, q, k, v, rpb, dy, torch.float64, "cpu", "reference")
+    y, g = _run(fn, q, k, v, rpb, dy, dtype, DEVICE, "triton")
+    _check(y, y_ref, dtype, "out")
+    for name, a, b in zip(("dq", "dk", "dv", "drpb"), g, g_ref):
+        _check(a, b, dtype, name)
+
+
+def _na2d_fn(kernel, dilation, stride):
+    return lambda q, k, v, rpb, backend: nbh.na2d(q, k, v, kernel, dilation, stride, rpb=rpb, backend=backend)
+
+
+def _case_2d(B, H, W, heads, D, kernel, dilation, stride, with_rpb, dtype):
+    kh, kw = _pair(kernel)
+    rpb_shape = (heads, 2 * kh - 1, 2 * kw - 1) if with_rpb else None
+    q, k, v, rpb, dy = _inputs((B, H, W, heads, D), rpb_shape, dtype,
+                               (B, H, W, heads, D, kernel, dilation, stride, with_rpb, str(dtype)))
+    _compare(_na2d_fn(kernel, dilation, stride), q, k, v, rpb, dy, dtype)
+
+
+@pytest.fixture(autouse=True)
+def _poisoned_buffers(monkeypatch):
+    """Kernel outputs start as NaN so an element a kernel does not write cannot pass by
+    reusing memory that an earlier, correct call left behind."""
+    if tri is None:
+        return
+
+    def poison(t):
+        return t.fill_(float("nan") if t.is_floating_point() else 2 ** 30)
+
+    class _Torch:
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+        @staticmethod
+        def empty(*args, **kwargs):
+            return poison(torch.empty(*args, **kwargs))
+
+        @staticmethod
+        def empty_like(*args, **kwargs):
+            return poison(torch.empty_like(*args, **kwargs))
+
+    monkeypatch.setattr(tri, "torch", _Torch())
+
+
+# --------------------------------------------------------------------------- against the reference
+
+@kernel_test
+@pytest.mark.parametrize("B,H,W,heads,D,kernel,dilation,stride,with_rpb,dtype", P2D, ids=I2D)
+def test_na2d(B, H, W, heads, D, kernel, dilation, stride, with_rpb, dtype):
+    _case_2d(B, H, W, heads, D, kernel, dilation, stride, with_rpb, dtype)
+
+
+@kernel_test
+@pytest.mark.parametrize("B,L,heads,D,kernel,dilation,stride,with_rpb,dtype", P1D, ids=I1D)
+def test_na1d(B, L, heads, D, kernel, dilation, stride, with_rpb, dtype):
+    rpb_shape = (heads, 2 * kernel - 1) if with_rpb else None
+    q, k, v, rpb, dy = _inputs((B, L, heads, D), rpb_shape, dtype,
+                               ("1d", B, L, heads, D, kernel, dilation, stride, with_rpb, str(dtype)))
+
+    def fn(q, k, v, rpb, backend):
+        return nbh.na1d(q, k, v, kernel, dilation, stride, rpb=rpb, backend=backend)
+
+    _compare(fn, q, k, v, rpb, dy, dtype)
+
+
+@kernel_test
+@pytest.mark.parametrize("case", [
+    (1, 16, 15, 2, 8, 7, 2, 1, True),
+    (1, 13, 16, 1, 8, (5, 3), (2, 3), (3, 2), True),
+    (2, 16, 9, 1, 8, 3, 1, 1, False),
+], ids=lambda c: _id(*c))
+def test_small_tiles(monkeypatch, case):
+    """16-query tiles 4 wide and 16-key chunks: many tiles per sub-grid, tiles cut by the map
+    edge, several halo / inverse-halo chunks per tile, exercised on small maps."""
+    monkeypatch.setattr(tri, "_BLOCK_Q", 16)
+    monkeypatch.setattr(tri, "_MAX_TILE_W", 4)
+    monkeypatch.setattr(tri, "_BLOCK_K", 16)
+    B, H, W, heads, D, kernel, dilation, stride, _ = case
+    plan = tri._plan(H, W, _pair(kernel), _pair(dilation), _pair(stride), 16, 4, 16)
+    assert plan.nth * plan.ntw >= 4 and plan.halo_h * plan.halo_w > plan.block_k
+    _case_2d(*case, torch.float64)
+
+
+@kernel_test
+def test_strided_inputs():
+    """q, k, v as views of one qkv buffer (read in place), a channel-strided q (copied), and an
+    upstream gradient with zero strides (``y.sum()``): every layout gives the reference's answer."""
+    B, H, W, heads, D = 1, 9, 11, 2, 8
+    g = _gen("strided")
+    qkv = torch.randn(B, H, W, 3, heads, D, generator=g, dtype=torch.float64)
+    rpb0 = torch.randn(heads, 5, 5, generator=g, dtype=torch.float64)
+    grads = {}
+    for backend, device in (("reference", "cpu"), ("triton", DEVICE)):
+        buf = qkv.to(device).requires_grad_()
+        rpb = rpb0.to(device).requires_grad_()
+        q, k, v = buf.unbind(3)
+        q = q.transpose(-1, -2).contiguous().transpose(-1, -2)  # stride(-1) != 1
+        assert not k.is_contiguous() and k.stride(-1) == 1 and q.stride(-1) != 1
+        y = nbh.na2d(q, k, v, 3, 2, 2, rpb=rpb, backend=backend)
+        y.sum().backward()
+        grads[backend] = (y, buf.grad, rpb.grad)
+    for name, a, b in zip(("out", "dqkv", "drpb"), grads["triton"], grads["reference"]):
+        _check(a, b, torch.float64, name)
+
+
+@kernel_test
+@pytest.mark.parametrize("wants", ["q", "kv", "rpb", "qkv"])
+def test_partial_grads(wants):
+    """Only the requested gradients come back, and they are right on their own."""
+    B, H, W, heads, D = 1, 9, 9, 1, 8
+    g = _gen("partial", wants)
+    base = {n: torch.randn(B, H, W, heads, D, generator=g, dtype=torch.float64) for n in "qkv"}
+    base["rpb"] = torch.randn(heads, 5, 5, generator=g, dtype=torch.float64)
+    dy = torch.randn(B, H, W, heads, D, generator=g, dtype=torch.float64)
+    names = ("q", "k", "v", "rpb")
+    res = {}
+    for backend, device in (("reference", "cpu"), ("triton", DEVICE)):
+        need = {"q": ("q",), "kv": ("k", "v"), "rpb": ("rpb",), "qkv": ("q", "k", "v")}[wants]
+        leaves = {n: base[n].to(device).requires_grad_(n in need) for n in names}
+        y = nbh.na2d(leaves["q"], leaves["k"], leaves["v"], 3, 1, 1, rpb=leaves["rpb"], backend=backend)
+        (y * dy.to(device)).sum().backward()
+        res[backend] = {n: leaves[n].grad for n in names}
+    for n in names:
+        want = res["reference"][n]
+        if want is None:
+            assert res["triton"][n] is None, n
+        else:
+            _check(res["triton"][n], want, torch.float64, f"d{n}")
+
+
+@kernel_test
+def test_no_grad_forward():
+    """Inference takes the plain launcher, not the autograd Function."""
+    q, k, v, rpb, _ = _inputs((2, 11, 9, 2, 16), (2, 9, 5), torch.float64, ("no_grad",))
+    with torch.no_grad():
+        y = nbh.na2d(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), (5, 3), (2, 3), (1, 2), rpb=rpb.to(DEVICE),
+                     backend="triton")
+        ref = nbh.na2d(q, k, v, (5, 3), (2, 3), (1, 2), rpb=rpb, backend="reference")
+    assert y.grad_fn is None
+    _check(y, ref, torch.float64, "out")
+
+
+@kernel_test
+def test_dispatch_reaches_triton(monkeypatch):
+    """backend="triton" runs this module's na2d (not a silent fallback), for na2d and na1d."""
+    calls = []
+    real = tri.na2d
+
+    def spy(*args):
+        calls.append(args[3:6])
+        return real(*args)
+
+    monkeypatch.setattr(tri, "na2d", spy)
+    x = torch.randn(1, 7, 7, 1, 8, device=DEVICE)
+    nbh.na2d(x, x, x, 3, backend="triton")
+    nbh.na1d(x[:, 0], x[:, 0], x[:, 0], 5, dilation=1, stride=2, backend="triton")
+    assert calls == [((3, 3), (1, 1), (1, 1)), ((5, 1), (1, 1), (2, 1))]
+
+
+@kernel_test
+def test_plan_covers_every_window():
+    """The host plan the kernels trust: every query's window lies in its tile's key halo, and
+    every query that sees a key lies in that key tile's inverse halo; checked against
+    ``reference.neighbor_index`` for many axis geometries (pure Python, no kernel)."""
+    for length in (7, 9, 13, 16, 23):
+        for k in (1, 3, 5, 7):
+            for d in (1, 2, 3):
+                if length < k * d:
+                    continue
+                for s in range(1, k + 1):
+                    keys, _ = reference.neighbor_index(length, k, d, s)
+                    for t in (1, 4, 8):
+                        n_tiles, halo, qhalo, qrange = tri._axis_plan(length, k, d, s, t)
+                        for i in range(length):
+                            r, p = i % d, i // d
+                            m = p // t
+                            h0 = (keys[r + m * t * d, 0].item() - r) // d  # the tile's first query
+                            sub = (keys[i] - r) // d
+                            assert h0 <= sub.min().item() and sub.max().item() < h0 + halo, (length, k, d, s, t, i)
+                            for x in sub.tolist():  # query p sees key x of key tile x // t
+                                q0, count = qrange[r][x // t]
+                                assert q0 <= p < q0 + count <= q0 + qhalo, (length, k, d, s, t, i, x)
