@@ -2,61 +2,29 @@
 differentiable primitives of ``triton.py`` directly, and the public gates of ``__init__``
 (whose fused Function drives ``triton.py``'s raw passes) with backend="triton".
 
-Where the kernels run, decided once at import:
-
-- in this process on CPU tensors, when the Triton interpreter is active;
-- in this process on CUDA tensors, when a GPU is present and TRITON_INTERPRET is unset;
-- otherwise in a child ``pytest`` of this file with ``TRITON_INTERPRET=1``
-  (``test_kernels_in_interpreter_subprocess``; the other tests are then not collected).
-
-Why a child process: Triton reads TRITON_INTERPRET when a function is decorated with
-``@triton.jit``, and that includes its own library functions (``tl.sum``, ``tl.max``),
-which are decorated when ``triton.language`` is first imported. Setting the variable after
-that turns our kernels into interpreted ones that then fail on the first ``tl.sum``
-("Cannot call @triton.jit'd outside of the scope of a kernel"). ``import timm`` (hence
-``import attnzoo``) already imports triton, so in a full test run the flag is always too
-late in-process; setting it at collection would also leak into every later test module.
+Where the kernels run (in process, or a child pytest under the interpreter): ``_triton_harness.py``.
 For fast iteration on this file alone: ``TRITON_INTERPRET=1 pytest tests/ops/test_gate_triton.py``.
 """
 import copy
 import importlib
 import importlib.util
-import os
-import subprocess
-import sys
 import zlib
-from pathlib import Path
 
 import pytest
 import torch
+from _triton_harness import kernel_device, run_in_interpreter
 from torch import nn
 
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
 
-import attnzoo  # noqa: E402
 from attnzoo.ops import gate  # noqa: E402
 from attnzoo.ops.gate import reference  # noqa: E402
 
 _CHILD_FLAG = "_ATTNZOO_GATE_TRITON_CHILD"
 
 
-def _interpreter_active() -> bool:
-    lang = sys.modules.get("triton.language")
-    if lang is None:  # not imported yet: the environment decides
-        return os.environ.get("TRITON_INTERPRET") == "1"
-    return type(lang.sum).__name__ == "InterpretedFunction"
-
-
-if _interpreter_active():
-    DEVICE = "cpu"
-elif os.environ.get("TRITON_INTERPRET") != "1" and torch.cuda.is_available():
-    DEVICE = "cuda"
-else:
-    DEVICE = None  # run in a child process
-    if os.environ.get(_CHILD_FLAG):
-        raise RuntimeError("TRITON_INTERPRET=1 did not take effect in the child process")
-
+DEVICE = kernel_device(_CHILD_FLAG)
 tri = importlib.import_module("attnzoo.ops.gate.triton") if DEVICE else None
 
 
@@ -67,16 +35,7 @@ def kernel_test(fn):
 
 
 def test_kernels_in_interpreter_subprocess():
-    root = Path(attnzoo.__file__).resolve().parents[1]
-    env = dict(os.environ, TRITON_INTERPRET="1", **{_CHILD_FLAG: "1"})
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH")) if p)
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q", "-p", "no:cacheprovider"],
-        cwd=root, env=env, capture_output=True, text=True, timeout=600,
-    )
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, "interpreter run failed:\n" + out[-12000:]
-    print(out.strip().splitlines()[-1])  # the child's summary, shown with -s / -rP
+    print(run_in_interpreter(__file__, _CHILD_FLAG, timeout=600))  # the child's summary, shown with -s
 
 
 test_kernels_in_interpreter_subprocess.__test__ = DEVICE is None

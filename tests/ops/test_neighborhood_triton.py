@@ -2,18 +2,8 @@
 dq / dk / dv / drpb through the public ``na2d`` / ``na1d`` with backend="triton", plus the
 host-side tiling plan the kernels rely on.
 
-Where the kernels run, decided once at import (the harness of ``test_gate_triton.py``):
-
-- in this process on CPU tensors, when the Triton interpreter is active;
-- in this process on CUDA tensors, when a GPU is present and TRITON_INTERPRET is unset;
-- otherwise in a child ``pytest`` of this file with ``TRITON_INTERPRET=1``
-  (``test_kernels_in_interpreter_subprocess``; the other tests are then not collected).
-
-Triton reads TRITON_INTERPRET when a function is decorated with ``@triton.jit``, including
-its own library functions (decorated when ``triton.language`` is first imported, which
-``import attnzoo`` already does via timm), so the flag has to be set before the process
-starts. For fast iteration on this file alone:
-``TRITON_INTERPRET=1 pytest tests/ops/test_neighborhood_triton.py``.
+Where the kernels run (in process, or a child pytest under the interpreter): ``_triton_harness.py``.
+For fast iteration on this file alone: ``TRITON_INTERPRET=1 pytest tests/ops/test_neighborhood_triton.py``.
 
 The interpreter is slow, so the default cases are few and chosen to cover each feature
 (odd maps, D padding, k 3/5/7, dilation with unequal sub-grids, odd and even strides,
@@ -24,18 +14,15 @@ import importlib
 import importlib.util
 import os
 import random
-import subprocess
-import sys
 import zlib
-from pathlib import Path
 
 import pytest
 import torch
+from _triton_harness import kernel_device, run_in_interpreter
 
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
 
-import attnzoo  # noqa: E402
 from attnzoo.ops import neighborhood as nbh  # noqa: E402
 from attnzoo.ops.neighborhood import reference  # noqa: E402
 
@@ -43,22 +30,7 @@ _CHILD_FLAG = "_ATTNZOO_NEIGHBORHOOD_TRITON_CHILD"
 SLOW = os.environ.get("ATTNZOO_SLOW") == "1"
 
 
-def _interpreter_active() -> bool:
-    lang = sys.modules.get("triton.language")
-    if lang is None:  # not imported yet: the environment decides
-        return os.environ.get("TRITON_INTERPRET") == "1"
-    return type(lang.sum).__name__ == "InterpretedFunction"
-
-
-if _interpreter_active():
-    DEVICE = "cpu"
-elif os.environ.get("TRITON_INTERPRET") != "1" and torch.cuda.is_available():
-    DEVICE = "cuda"
-else:
-    DEVICE = None  # run in a child process
-    if os.environ.get(_CHILD_FLAG):
-        raise RuntimeError("TRITON_INTERPRET=1 did not take effect in the child process")
-
+DEVICE = kernel_device(_CHILD_FLAG)
 tri = importlib.import_module("attnzoo.ops.neighborhood.triton") if DEVICE else None
 
 
@@ -69,16 +41,7 @@ def kernel_test(fn):
 
 
 def test_kernels_in_interpreter_subprocess():
-    root = Path(attnzoo.__file__).resolve().parents[1]
-    env = dict(os.environ, TRITON_INTERPRET="1", **{_CHILD_FLAG: "1"})
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH")) if p)
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q", "-p", "no:cacheprovider"],
-        cwd=root, env=env, capture_output=True, text=True, timeout=1800 if SLOW else 600,
-    )
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, "interpreter run failed:\n" + out[-12000:]
-    print(out.strip().splitlines()[-1])  # the child's summary, shown with -s / -rP
+    print(run_in_interpreter(__file__, _CHILD_FLAG, timeout=1800 if SLOW else 600))  # the child's summary, shown with -s
 
 
 test_kernels_in_interpreter_subprocess.__test__ = DEVICE is None

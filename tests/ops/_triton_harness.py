@@ -1,0 +1,57 @@
+"""Where Triton kernel tests run, shared by the ``test_*_triton.py`` files.
+
+Decided once at import of a test module:
+
+- in that process on CPU tensors, when the Triton interpreter is active;
+- in that process on CUDA tensors, when a GPU is present and TRITON_INTERPRET is unset;
+- otherwise in a child ``pytest`` of the module with ``TRITON_INTERPRET=1``
+  (its ``test_kernels_in_interpreter_subprocess``; the other tests are then not collected).
+
+Why a child process: Triton reads TRITON_INTERPRET when a function is decorated with
+``@triton.jit``, and that includes its own library functions (``tl.sum``, ``tl.max``),
+decorated when ``triton.language`` is first imported. ``import timm`` (hence
+``import attnzoo``) already imports triton, so in a full test run the flag is always too
+late in-process; setting it at collection would also leak into every later test module.
+For fast iteration on one file: ``TRITON_INTERPRET=1 pytest tests/ops/test_<op>_triton.py``.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+
+def _interpreter_active() -> bool:
+    lang = sys.modules.get("triton.language")
+    if lang is None:  # not imported yet: the environment decides
+        return os.environ.get("TRITON_INTERPRET") == "1"
+    return type(lang.sum).__name__ == "InterpretedFunction"
+
+
+def kernel_device(child_flag: str) -> Optional[str]:
+    """"cpu" (interpreter), "cuda", or None when the module must rerun in a child process."""
+    if _interpreter_active():
+        return "cpu"
+    if os.environ.get("TRITON_INTERPRET") != "1" and torch.cuda.is_available():
+        return "cuda"
+    if os.environ.get(child_flag):
+        raise RuntimeError("TRITON_INTERPRET=1 did not take effect in the child process")
+    return None
+
+
+def run_in_interpreter(test_file: str, child_flag: str, timeout: int = 600) -> str:
+    """Run ``test_file`` in a child pytest with the interpreter on; return its summary line."""
+    import attnzoo
+
+    root = Path(attnzoo.__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1", **{child_flag: "1"})
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH")) if p)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", str(Path(test_file).resolve()), "-q", "-p", "no:cacheprovider"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, "interpreter run failed:\n" + out[-12000:]
+    return out.strip().splitlines()[-1]
