@@ -1,3 +1,4 @@
 """One module per family; importing a module registers its models with timm."""
 from . import cbam, eca  # noqa: F401
 from . import nat  # noqa: F401
+from . import halonet  # noqa: F401

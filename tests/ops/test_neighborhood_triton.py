@@ -9,6 +9,11 @@ The interpreter is slow, so the default cases are few and chosen to cover each f
 (odd maps, D padding, k 3/5/7, dilation with unequal sub-grids, odd and even strides,
 per-axis tuples, rpb on/off, several tiles and halo chunks per map); ``ATTNZOO_SLOW=1``
 adds a seeded random sweep (k up to 13, D up to 40, every dtype).
+
+HaloNet (``border="zero_pad"``, ``rel_h`` / ``rel_w``): against a local brute-force oracle
+(``_halo_oracle``: zero-padded map, gathered windows, softmax with every bias; checked
+independent of the reference on purpose), and through the public API against
+``backend="reference"``.
 """
 import importlib
 import importlib.util
@@ -350,3 +355,183 @@ def test_plan_covers_every_window():
                             for x in sub.tolist():  # query p sees key x of key tile x // t
                                 q0, count = qrange[r][x // t]
                                 assert q0 <= p < q0 + count <= q0 + qhalo, (length, k, d, s, t, i, x)
+
+
+# --------------------------------------------------------------------------- HaloNet: zero_pad border, rel_h / rel_w
+
+def _halo_oracle(q, k, v, kernel, dilation, stride, rpb, scale, border, rel_h, rel_w):
+    """Independent brute force: zero-padded map, every query's ``kh x kw`` window gathered from
+    it, softmax over all window positions (padding keys included: logit = biases only)."""
+    B, H, W, heads, D = q.shape
+    tabs = []
+    for length, kk, d, s in ((H, kernel[0], dilation[0], stride[0]), (W, kernel[1], dilation[1], stride[1])):
+        if border == "zero_pad":
+            start = torch.tensor([p - p % s + s // 2 - kk // 2 for p in range(length)])
+            keys = start[:, None] + torch.arange(kk)[None, :]
+        else:
+            keys, _ = reference.neighbor_index(length, kk, d, s)
+        bias = torch.div(keys - torch.arange(length)[:, None], d, rounding_mode="floor") + kk - 1
+        tabs.append((keys, bias))
+    (kh_, bh), (kw_, bw) = tabs
+    lo_h, hi_h = max(0, -kh_.min().item()), max(0, kh_.max().item() + 1 - H)
+    lo_w, hi_w = max(0, -kw_.min().item()), max(0, kw_.max().item() + 1 - W)
+    pad = (0, 0, 0, 0, lo_w, hi_w, lo_h, hi_h)
+    kp, vp = torch.nn.functional.pad(k, pad), torch.nn.functional.pad(v, pad)
+    rows, cols = (kh_ + lo_h)[:, None, :, None], (kw_ + lo_w)[None, :, None, :]
+    logits = torch.einsum("bijnd,bijxynd->bnijxy", q * scale, kp[:, rows, cols])
+    if rpb is not None:
+        logits = logits + rpb[:, bh[:, None, :, None], bw[None, :, None, :]]
+    if rel_h is not None:
+        logits = logits + rel_h.permute(0, 3, 1, 2, 4)[..., :, None]
+    if rel_w is not None:
+        logits = logits + rel_w.permute(0, 3, 1, 2, 4)[..., None, :]
+    attn = logits.flatten(-2).softmax(-1).view(logits.shape)
+    return torch.einsum("bnijxy,bijxynd->bijnd", attn, vp[:, rows, cols])
+
+
+# (B, H, W, heads, D, kernel, stride, border, rpb, rel, dtypes); HaloNet: stride = block b,
+# kernel = b + 2 * halo (even when b is)
+HALO_CASES = [
+    (1, 16, 16, 2, 8, 14, 8, "zero_pad", False, True, (F32, BF16)),  # block 8 halo 3: 2 x 2 blocks
+    (2, 13, 10, 1, 16, 6, 4, "zero_pad", False, True, (F32, BF16)),  # block 4 halo 1, map not divisible
+    (1, 9, 9, 2, 16, 8, 4, "zero_pad", True, True, (F32,)),  # block 4 halo 2, rpb too
+    (1, 5, 6, 1, 8, 8, 4, "zero_pad", False, True, (F32,)),  # map smaller than the kernel
+    (1, 9, 11, 1, 8, (6, 8), (4, 2), "zero_pad", True, False, (F32,)),  # per-axis, rpb only
+    (1, 9, 11, 2, 8, (5, 3), (2, 3), "clamp", True, True, (F32,)),  # rel_h / rel_w on clamped windows
+]
+
+
+def _halo_id(c):
+    b, h, w, n, d, k, s, border, r, rel, _ = c
+    return f"B{b}-H{h}-W{w}-h{n}-D{d}-k{k}-s{s}-{border}" + ("-rpb" if r else "") + ("-rel" if rel else "")
+
+
+HALO_P = [(*c[:-1], dt) for c in HALO_CASES for dt in c[-1]]
+HALO_I = [_halo_id(c) + "-" + _dtype_id(dt) for c in HALO_CASES for dt in c[-1]]
+
+
+def _halo_case(B, H, W, heads, D, kernel, stride, border, with_rpb, with_rel, dtype, dilation=(1, 1)):
+    kh, kw = _pair(kernel)
+    stride = _pair(stride)
+    g = _gen("halo", B, H, W, heads, D, kernel, stride, border, with_rpb, with_rel, str(dtype))
+    shape = (B, H, W, heads, D)
+    base = {n: torch.randn(shape, generator=g, dtype=torch.float64) for n in ("q", "k", "v", "dy")}
+    if with_rpb:
+        base["rpb"] = torch.randn(heads, 2 * kh - 1, 2 * kw - 1, generator=g, dtype=torch.float64)
+    if with_rel:
+        base["rel_h"] = torch.randn(B, H, W, heads, kh, generator=g, dtype=torch.float64)
+        base["rel_w"] = torch.randn(B, H, W, heads, kw, generator=g, dtype=torch.float64)
+    base = {n: t.to(dtype).double() for n, t in base.items()}  # the same rounded values for both
+    names = [n for n in ("q", "k", "v", "rpb", "rel_h", "rel_w") if n in base]
+    scale = D ** -0.5
+    res = {}
+    for which, dt, device in (("oracle", torch.float64, "cpu"), ("triton", dtype, DEVICE)):
+        leaves = {n: base[n].to(device=device, dtype=dt).requires_grad_() for n in names}
+        args = (leaves["q"], leaves["k"], leaves["v"], (kh, kw), dilation, stride, leaves.get("rpb"), scale,
+                border, leaves.get("rel_h"), leaves.get("rel_w"))
+        y = (_halo_oracle if which == "oracle" else tri.na2d)(*args)
+        grads = torch.autograd.grad(y, [leaves[n] for n in names], base["dy"].to(device=device, dtype=dt))
+        res[which] = (y, grads)
+    _check(res["triton"][0], res["oracle"][0], dtype, "out")
+    for n, a, b in zip(names, res["triton"][1], res["oracle"][1]):
+        _check(a, b, dtype, "d" + n)
+
+
+@kernel_test
+@pytest.mark.parametrize("B,H,W,heads,D,kernel,stride,border,with_rpb,with_rel,dtype", HALO_P, ids=HALO_I)
+def test_halo(B, H, W, heads, D, kernel, stride, border, with_rpb, with_rel, dtype):
+    _halo_case(B, H, W, heads, D, kernel, stride, border, with_rpb, with_rel, dtype)
+
+
+@kernel_test
+def test_halo_small_tiles(monkeypatch):
+    """zero_pad with 16-query tiles and 16-key chunks: several tiles, halo chunks and inverse-halo
+    chunks per map, tiles whose halo starts outside the map."""
+    monkeypatch.setattr(tri, "_BLOCK_Q", 16)
+    monkeypatch.setattr(tri, "_MAX_TILE_W", 4)
+    monkeypatch.setattr(tri, "_BLOCK_K", 16)
+    plan = tri._plan(13, 10, (6, 6), (1, 1), (4, 4), 16, 4, 16, True)
+    assert plan.nth * plan.ntw >= 4 and plan.halo_h * plan.halo_w > plan.block_k
+    _halo_case(1, 13, 10, 1, 8, 6, 4, "zero_pad", True, True, torch.float64)
+
+
+@kernel_test
+def test_halo_partial_grads():
+    """Only rel_h asks for a gradient: it comes back right, the rest stay None."""
+    g = _gen("halo_partial")
+    B, H, W, heads, D, kk, s = 1, 8, 8, 1, 8, 6, 4
+    q, k, v = (torch.randn(B, H, W, heads, D, generator=g, dtype=torch.float64) for _ in range(3))
+    rh = torch.randn(B, H, W, heads, kk, generator=g, dtype=torch.float64)
+    rw = torch.randn(B, H, W, heads, kk, generator=g, dtype=torch.float64)
+    grads = {}
+    for which, device in (("oracle", "cpu"), ("triton", DEVICE)):
+        leaves = [t.to(device) for t in (q, k, v, rh, rw)]
+        leaves[3].requires_grad_()
+        fn = _halo_oracle if which == "oracle" else tri.na2d
+        y = fn(*leaves[:3], (kk, kk), (1, 1), (s, s), None, 0.3, "zero_pad", leaves[3], leaves[4])
+        (y.square().sum()).backward()
+        grads[which] = (y, leaves[3].grad, leaves[4].grad)
+    _check(grads["triton"][0], grads["oracle"][0], torch.float64, "out")
+    _check(grads["triton"][1], grads["oracle"][1], torch.float64, "drel_h")
+    assert grads["triton"][2] is None
+
+
+@kernel_test
+def test_halo_rejects():
+    x = torch.zeros(1, 8, 8, 1, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="dilation"):
+        tri.na2d(x, x, x, (3, 3), (2, 2), (1, 1), None, 1.0, border="zero_pad")
+    with pytest.raises(ValueError, match="border"):
+        tri.na2d(x, x, x, (3, 3), (1, 1), (1, 1), None, 1.0, border="reflect")
+    with pytest.raises(ValueError, match="rel_h"):
+        tri.na2d(x, x, x, (3, 3), (1, 1), (1, 1), None, 1.0, rel_h=torch.zeros(1, 8, 8, 1, 4, device=DEVICE))
+    assert tri.SUPPORTS_HALO is True
+
+
+@kernel_test
+def test_halo_plan_covers_every_window():
+    """The zero_pad host plan: every query's (unclamped) window lies in its tile's halo, and every
+    query seeing an in-map key lies in that key tile's inverse halo (pure Python)."""
+    for length in (3, 9, 13, 16):
+        for k, s in ((6, 4), (8, 4), (14, 8), (5, 1), (4, 2)):
+            for t in (1, 4, 8):
+                n_tiles, halo, qhalo, qrange = tri._axis_plan(length, k, 1, s, t, True)
+                for p in range(length):
+                    st = p - p % s + s // 2 - k // 2
+                    h0 = (p // t * t) - (p // t * t) % s + s // 2 - k // 2
+                    assert h0 <= st and st + k <= h0 + halo, (length, k, s, t, p)
+                    for x in range(max(st, 0), min(st + k, length)):
+                        q0, count = qrange[0][x // t]
+                        assert q0 <= p < q0 + count <= q0 + qhalo, (length, k, s, t, p, x)
+
+
+@kernel_test
+@pytest.mark.parametrize("case", [
+    (1, 9, 9, 2, 16, 8, 4, "zero_pad", True, True),
+    (1, 13, 10, 1, 8, (6, 4), (4, 2), "zero_pad", False, True),
+], ids=lambda c: _halo_id((*c, None)))
+def test_halo_public_vs_reference(case):
+    """Through the public ``na2d`` (dispatch to this module via SUPPORTS_HALO) against
+    ``backend="reference"``: out and every gradient."""
+    if not getattr(reference, "SUPPORTS_HALO", False):
+        pytest.skip("the reference does not implement border / rel_h / rel_w yet")
+    B, H, W, heads, D, kernel, stride, border, with_rpb, with_rel = case
+    kh, kw = _pair(kernel)
+    g = _gen("halo_public", *case)
+    shape = (B, H, W, heads, D)
+    base = {n: torch.randn(shape, generator=g, dtype=torch.float64) for n in ("q", "k", "v", "dy")}
+    if with_rpb:
+        base["rpb"] = torch.randn(heads, 2 * kh - 1, 2 * kw - 1, generator=g, dtype=torch.float64)
+    if with_rel:
+        base["rel_h"] = torch.randn(B, H, W, heads, kh, generator=g, dtype=torch.float64)
+        base["rel_w"] = torch.randn(B, H, W, heads, kw, generator=g, dtype=torch.float64)
+    names = [n for n in ("q", "k", "v", "rpb", "rel_h", "rel_w") if n in base]
+    res = {}
+    for backend, device in (("reference", "cpu"), ("triton", DEVICE)):
+        leaves = {n: base[n].to(device).requires_grad_() for n in names}
+        y = nbh.na2d(leaves["q"], leaves["k"], leaves["v"], (kh, kw), 1, stride, rpb=leaves.get("rpb"),
+                     backend=backend, border=border, rel_h=leaves.get("rel_h"), rel_w=leaves.get("rel_w"))
+        res[backend] = (y, torch.autograd.grad(y, [leaves[n] for n in names], base["dy"].to(device)))
+    _check(res["triton"][0], res["reference"][0], torch.float64, "out")
+    for n, a, b in zip(names, res["triton"][1], res["reference"][1]):
+        _check(a, b, torch.float64, "d" + n)

@@ -16,6 +16,10 @@ Backends (``backend=`` or ``$ATTNZOO_BACKEND``; default: the best that can run):
 
 Each backend module exposes ``na2d(q, k, v, kernel_size, dilation, stride, rpb, scale)``
 with validated arguments and per-axis tuples; 1-D attention runs as 2-D (see ``na1d``).
+HaloNet's blocked attention (``border="zero_pad"``, per-query relative logits
+``rel_h`` / ``rel_w``) goes to the backends as the trailing arguments
+``border, rel_h, rel_w``; a backend module that implements them sets
+``SUPPORTS_HALO = True`` (reference and cpu do; triton is refused without it).
 """
 from typing import Optional, Sequence, Tuple, Union
 
@@ -24,7 +28,9 @@ import torch
 from .. import _dispatch
 from . import cpu, reference
 
-__all__ = ["na1d", "na2d", "BACKENDS"]
+__all__ = ["na1d", "na2d", "BACKENDS", "BORDERS"]
+
+BORDERS = ("clamp", "zero_pad")
 
 _TRITON_MODULE = __name__ + ".triton"
 
@@ -48,8 +54,10 @@ def _pair(op: str, name: str, value, n: int) -> Tuple[int, ...]:
     return out
 
 
-def _validate(op: str, q, k, v, kernel_size, dilation, stride, rpb, scale, n: int):
+def _validate(op: str, q, k, v, kernel_size, dilation, stride, rpb, scale, n: int, border: str = "clamp"):
     """Checks shared by na1d (n=1) and na2d (n=2); returns (kernel, dilation, stride, scale)."""
+    if border not in BORDERS:
+        raise ValueError(f"{op}: border must be one of {BORDERS}, got {border!r}")
     layout = "[B, L, heads, D]" if n == 1 else "[B, H, W, heads, D]"
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -68,17 +76,21 @@ def _validate(op: str, q, k, v, kernel_size, dilation, stride, rpb, scale, n: in
     ks = _pair(op, "kernel_size", kernel_size, n)
     dil = _pair(op, "dilation", dilation, n)
     st = _pair(op, "stride", stride, n)
-    if any(x < 1 or x % 2 == 0 for x in ks):
+    zero_pad = border == "zero_pad"
+    # zero_pad windows are never clamped, so even kernels (HaloNet: b + 2h with even b) are fine
+    if any(x < 1 or (x % 2 == 0 and not zero_pad) for x in ks):
         raise ValueError(f"{op}: kernel_size must be odd and >= 1, got {kernel_size}")
     if any(x < 1 for x in dil):
         raise ValueError(f"{op}: dilation must be >= 1, got {dilation}")
+    if zero_pad and any(x != 1 for x in dil):
+        raise ValueError(f"{op}: border='zero_pad' supports dilation 1 only, got dilation {dilation}")
     if any(x < 1 for x in st):
         raise ValueError(f"{op}: stride must be >= 1, got {stride}")
     if any(s > kk for s, kk in zip(st, ks)):
         raise ValueError(f"{op}: stride must not exceed kernel_size (NATTEN's rule), "
                          f"got stride {stride} and kernel_size {kernel_size}")
     spatial = tuple(q.shape[1:1 + n])
-    if any(size < kk * d for size, kk, d in zip(spatial, ks, dil)):
+    if not zero_pad and any(size < kk * d for size, kk, d in zip(spatial, ks, dil)):
         need = tuple(kk * d for kk, d in zip(ks, dil))
         raise ValueError(f"{op}: the map {spatial} of q {tuple(q.shape)} is smaller than kernel_size * dilation "
                          f"{need} (kernel_size {kernel_size}, dilation {dilation}); pad it first")
@@ -96,25 +108,75 @@ def _validate(op: str, q, k, v, kernel_size, dilation, stride, rpb, scale, n: in
     return ks, dil, st, float(scale)
 
 
+def _validate_rel(op: str, name: str, rel, q: torch.Tensor, kk: int):
+    if rel is None:
+        return
+    expect = tuple(q.shape[:-1]) + (kk,)
+    if not isinstance(rel, torch.Tensor) or tuple(rel.shape) != expect:
+        got = tuple(rel.shape) if isinstance(rel, torch.Tensor) else type(rel).__name__
+        raise ValueError(f"{op}: {name} must have shape [B, H, W, heads, k] = {expect} for q {tuple(q.shape)}, "
+                         f"got {got}")
+    if rel.device != q.device or not rel.is_floating_point():
+        raise ValueError(f"{op}: {name} must be a floating tensor on {q.device}, got {rel.dtype} on {rel.device}")
+
+
+_NO_HALO = ("the triton backend does not implement border='zero_pad' / rel_h / rel_w "
+            "(its module does not set SUPPORTS_HALO = True)")
+
+
+def _halo_backends():
+    """BACKENDS with triton refused unless its module advertises ``SUPPORTS_HALO``.
+
+    The attribute is read (importing the triton module) only once triton's own check has
+    passed, i.e. when it would be chosen."""
+    out = []
+    for b in BACKENDS:
+        if b.name == "triton":
+            def can_run(tensors, forced, _b=b):
+                reason = _b.can_run(tensors, forced)
+                if reason is None and not getattr(_b.impl, "SUPPORTS_HALO", False):
+                    reason = _NO_HALO
+                return reason
+            b = _dispatch.Backend(b.name, b.impl, can_run)
+        out.append(b)
+    return out
+
+
 def na2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: IntOrPair, dilation: IntOrPair = 1,
          stride: IntOrPair = 1, rpb: Optional[torch.Tensor] = None, scale: Optional[float] = None,
-         backend: Optional[str] = None) -> torch.Tensor:
+         backend: Optional[str] = None, border: str = "clamp", rel_h: Optional[torch.Tensor] = None,
+         rel_w: Optional[torch.Tensor] = None) -> torch.Tensor:
     """2-D neighborhood attention.
 
     Args:
         q, k, v: ``[B, H, W, heads, D]`` (NATTEN's layout; any strides).
-        kernel_size: odd window size, int or ``(kh, kw)``.
-        dilation: sub-grid step, int or pair; ``H >= kh * dh`` and ``W >= kw * dw``.
+        kernel_size: odd window size, int or ``(kh, kw)`` (any size >= 1 with ``border="zero_pad"``).
+        dilation: sub-grid step, int or pair; ``H >= kh * dh`` and ``W >= kw * dw`` (clamp only).
         stride: queries of an ``sh x sw`` group share the group centre's window; ``<= kernel_size``.
         rpb: relative positional bias ``[heads, 2kh-1, 2kw-1]`` or None.
         scale: logit scale, default ``D ** -0.5``.
         backend: ``"reference" | "cpu" | "triton"``; default: the best that can run.
+        border: ``"clamp"`` (NATTEN: windows shifted inside the map) or ``"zero_pad"``
+            (HaloNet: windows centred on the stride group, ``start = g + s//2 - k//2``,
+            never clamped; keys outside the map are zeros that take part in the softmax;
+            any map size; dilation 1 only). HaloNet block ``b``, halo ``h``:
+            ``stride=b, kernel_size=b + 2h``.
+        rel_h, rel_w: per-query logit biases ``[B, H, W, heads, kh]`` / ``[B, H, W, heads, kw]``
+            by window row / column: ``logit[q, (i, j)] += rel_h[q, i] + rel_w[q, j]``
+            (not scaled); differentiable. See README.md for HaloNet's ``PosEmbedRel``.
 
     Returns ``[B, H, W, heads, D]`` in q's dtype.
     """
-    ks, dil, st, scale = _validate("na2d", q, k, v, kernel_size, dilation, stride, rpb, scale, 2)
-    chosen = _dispatch.choose_backend("na2d", BACKENDS, [t for t in (q, k, v, rpb) if t is not None], backend)
-    return chosen.impl.na2d(q, k, v, ks, dil, st, rpb, scale)
+    ks, dil, st, scale = _validate("na2d", q, k, v, kernel_size, dilation, stride, rpb, scale, 2, border)
+    _validate_rel("na2d", "rel_h", rel_h, q, ks[0])
+    _validate_rel("na2d", "rel_w", rel_w, q, ks[1])
+    halo = border != "clamp" or rel_h is not None or rel_w is not None
+    tensors = [t for t in (q, k, v, rpb, rel_h, rel_w) if t is not None]
+    if not halo:
+        chosen = _dispatch.choose_backend("na2d", BACKENDS, tensors, backend)
+        return chosen.impl.na2d(q, k, v, ks, dil, st, rpb, scale)
+    chosen = _dispatch.choose_backend("na2d", _halo_backends(), tensors, backend)
+    return chosen.impl.na2d(q, k, v, ks, dil, st, rpb, scale, border, rel_h, rel_w)
 
 
 def na1d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: IntOrPair, dilation: IntOrPair = 1,

@@ -27,6 +27,15 @@ heads), in sub-grid coordinates:
 - Without gradients, the same tiles go through ``scaled_dot_product_attention`` (the
   fused CPU flash kernel reads the strided halo views).
 
+HaloNet mode (``border="zero_pad"`` and / or per-query ``rel_h`` / ``rel_w``, dilation 1)
+takes a separate *blocked* path (``_blocked_na2d``): queries are cut into their
+``sh x sw`` stride groups (HaloNet's blocks; the map is zero-padded to a multiple of
+the stride), every group gathers its one ``kh x kw`` key window from a zero-padded
+copy of K / V (an ``unfold``-style gather), and attention is one batched matmul per
+block; rpb / rel_h / rel_w are additive terms. It is plain differentiable torch, so
+autograd gives exact gradients. ``rel_h`` / ``rel_w`` with dilation > 1 (clamp) run
+the reference.
+
 Half-precision inputs are computed in float32 and cast back. Non-finite values in
 ``k`` / ``v`` can reach other queries of the same tile (``0 * inf``), which the
 reference would not do; finite inputs give exact neighborhood attention.
@@ -40,6 +49,8 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 Tensor = torch.Tensor
+
+SUPPORTS_HALO = True  # border="zero_pad", rel_h, rel_w (see __init__)
 
 # Row/column tile sizes tried per axis; the plan picks the cheapest (see ``_tile_cost``).
 _TILE_CANDIDATES = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16)
@@ -528,9 +539,83 @@ def _sdpa_forward(q, k, v, rpb, plan, scale):
     return _unpack_queries(o, plan, q.shape, q.dtype)
 
 
+def _group_windows(length: int, k: int, s: int, border: str):
+    """Per axis: number of stride groups ``ng`` and each group's window start ``[ng]``
+    (map index; may be out of the map for ``zero_pad``). Dilation 1."""
+    from .reference import window_start
+    ng = -(-length // s)
+    if border == "zero_pad":
+        starts = [g * s + s // 2 - k // 2 for g in range(ng)]
+    else:  # every query of a group shares the window; take the group's first query
+        starts = [window_start(g * s, length, k, 1, s) for g in range(ng)]
+    return ng, torch.tensor(starts, dtype=torch.long)
+
+
+def _blocked_na2d(q, k, v, kernel_size, stride, rpb, scale, border, rel_h, rel_w):
+    """HaloNet-style blocked attention (dilation 1): see the module docstring."""
+    B, H, W, heads, D = q.shape
+    (kh, kw), (sh, sw) = kernel_size, stride
+    cdt = _compute_dtype(q.dtype)
+    ngh, st_h = _group_windows(H, kh, sh, border)
+    ngw, st_w = _group_windows(W, kw, sw, border)
+    # zero padding of K / V so that every window lies inside
+    ph0 = max(0, -int(st_h.min()))
+    ph1 = max(0, int(st_h.max()) + kh - H)
+    pw0 = max(0, -int(st_w.min()))
+    pw1 = max(0, int(st_w.max()) + kw - W)
+    idx_h = st_h[:, None] + ph0 + torch.arange(kh)  # [ngh, kh] rows of the padded map
+    idx_w = st_w[:, None] + pw0 + torch.arange(kw)  # [ngw, kw]
+    kv = torch.stack((k, v)).to(cdt)  # [2, B, H, W, heads, D]
+    kv = F.pad(kv, (0, 0, 0, 0, pw0, pw1, ph0, ph1))
+    if border == "zero_pad":
+        # windows start every s rows / columns: a zero-copy unfold (cheap backward)
+        # [2, B, ngh, ngw, heads, D, kh, kw] -> [2, B, ngh, ngw, heads, kh * kw, D]
+        win = kv.unfold(2, kh, sh).unfold(3, kw, sw)[:, :, :ngh, :ngw]
+        win = win.permute(0, 1, 2, 3, 4, 6, 7, 5).reshape(2, B, ngh, ngw, heads, kh * kw, D)
+    else:
+        # clamped windows are not evenly spaced: gather [2, B, ngh, ngw, kh, kw, heads, D]
+        win = kv[:, :, idx_h[:, None, :, None], idx_w[None, :, None, :]]
+        win = win.permute(0, 1, 2, 3, 6, 4, 5, 7).reshape(2, B, ngh, ngw, heads, kh * kw, D)
+    kwin, vwin = win[0], win[1]
+    # query blocks: pad to a multiple of the stride -> [B, ngh, ngw, heads, sh * sw, D]
+    Hp, Wp = ngh * sh, ngw * sw
+
+    def blocks(x, last):
+        x = F.pad(x.to(cdt), (0, 0, 0, 0, 0, Wp - W, 0, Hp - H))
+        x = x.view(B, ngh, sh, ngw, sw, heads, last)
+        return x.permute(0, 1, 3, 5, 2, 4, 6)  # [B, ngh, ngw, heads, sh, sw, last]
+
+    qb = blocks(q, D).reshape(B, ngh, ngw, heads, sh * sw, D)
+    logits = torch.matmul(qb * scale, kwin.transpose(-1, -2))  # [B, ngh, ngw, heads, sh*sw, kh*kw]
+    logits = logits.view(B, ngh, ngw, heads, sh, sw, kh, kw)
+    if rpb is not None:
+        # rpb index: key - query + k - 1, per axis [ng, s, k]; padding queries clamped (dropped anyway)
+        qpos_h = torch.arange(ngh)[:, None] * sh + torch.arange(sh)
+        qpos_w = torch.arange(ngw)[:, None] * sw + torch.arange(sw)
+        rh = (idx_h[:, None, :] - ph0 - qpos_h[:, :, None] + kh - 1).clamp(0, 2 * kh - 2)
+        rw = (idx_w[:, None, :] - pw0 - qpos_w[:, :, None] + kw - 1).clamp(0, 2 * kw - 2)
+        # [heads, ngh, ngw, sh, sw, kh, kw] -> [ngh, ngw, heads, sh, sw, kh, kw]
+        bias = rpb.to(cdt)[:, rh[:, None, :, None, :, None], rw[None, :, None, :, None, :]]
+        logits = logits + bias.permute(1, 2, 0, 3, 4, 5, 6)
+    if rel_h is not None:
+        logits = logits + blocks(rel_h, kh)[..., :, None]
+    if rel_w is not None:
+        logits = logits + blocks(rel_w, kw)[..., None, :]
+    attn = logits.view(B, ngh, ngw, heads, sh * sw, kh * kw).softmax(-1)
+    o = torch.matmul(attn, vwin)  # [B, ngh, ngw, heads, sh*sw, D]
+    o = o.view(B, ngh, ngw, heads, sh, sw, D).permute(0, 1, 4, 2, 5, 3, 6).reshape(B, Hp, Wp, heads, D)
+    return o[:, :H, :W].to(q.dtype)
+
+
 def na2d(q: Tensor, k: Tensor, v: Tensor, kernel_size: Tuple[int, int], dilation: Tuple[int, int],
-         stride: Tuple[int, int], rpb: Optional[Tensor], scale: float,
+         stride: Tuple[int, int], rpb: Optional[Tensor], scale: float, border: str = "clamp",
+         rel_h: Optional[Tensor] = None, rel_w: Optional[Tensor] = None,
          tile: Optional[Tuple[int, int]] = None) -> Tensor:
+    if border != "clamp" or rel_h is not None or rel_w is not None:
+        if tuple(dilation) == (1, 1):
+            return _blocked_na2d(q, k, v, kernel_size, stride, rpb, scale, border, rel_h, rel_w)
+        from . import reference  # clamp + rel terms + dilation: not worth a fast path yet
+        return reference.na2d(q, k, v, kernel_size, dilation, stride, rpb, scale, border, rel_h, rel_w)
     B, H, W, heads, D = q.shape
     plan = _plan(H, W, *kernel_size, *dilation, *stride, tile)
     needs_grad = torch.is_grad_enabled() and any(

@@ -8,7 +8,16 @@ this is for tests and small maps only; ``cpu.py`` is the fast path.
 Layout (NATTEN's): ``q, k, v``: ``[B, H, W, heads, D]``; ``rpb``: ``[heads, 2kh-1, 2kw-1]``.
 ``na2d`` takes already-validated arguments with per-axis tuples (see ``__init__``);
 every backend module exposes the same ``na2d(q, k, v, kernel_size, dilation, stride,
-rpb, scale)`` (1-D runs as 2-D with a height-1 map and kernel height 1).
+rpb, scale, border="clamp", rel_h=None, rel_w=None)`` (1-D runs as 2-D with a height-1
+map and kernel height 1).
+
+``border="zero_pad"`` (HaloNet): windows are centred on the stride group's leader like
+with ``"clamp"`` but never clamped (and the leader of a cut-off last group is the
+centre of the full group, as if the map were padded to a multiple of the stride);
+keys outside the map are zeros that still take part in the softmax (their logit is the
+bias terms alone). Dilation 1 only. ``rel_h`` ``[B, H, W, heads, kh]`` / ``rel_w``
+``[B, H, W, heads, kw]``: per-query logit biases by window row / column
+(``logit[q, (i, j)] += rel_h[q, i] + rel_w[q, j]``).
 """
 from typing import Optional, Tuple
 
@@ -16,8 +25,11 @@ import torch
 
 Tensor = torch.Tensor
 
+SUPPORTS_HALO = True  # border="zero_pad", rel_h, rel_w (see __init__)
 
-def window_start(i: int, length: int, kernel_size: int, dilation: int = 1, stride: int = 1) -> int:
+
+def window_start(i: int, length: int, kernel_size: int, dilation: int = 1, stride: int = 1,
+                 border: str = "clamp") -> int:
     """First key index of query ``i``'s window on one axis (a map index, not a sub-grid index).
 
     Dilation ``d`` splits the axis into the sub-grids ``{r, r+d, r+2d, ...}``; query ``i``
@@ -28,8 +40,13 @@ def window_start(i: int, length: int, kernel_size: int, dilation: int = 1, strid
     last position for a cut-off final group. Every query of the group uses the leader's
     window, which is centred on the leader and clamped inside the sub-grid:
     ``start = clamp(leader - k // 2, 0, n - k)``. With ``s = 1`` the leader is the query.
+
+    ``border="zero_pad"`` (dilation 1): ``start = g + s // 2 - k // 2``, unclamped (for
+    HaloNet's ``s = b``, ``k = b + 2h``: ``start = g - h``); it may lie outside the map.
     """
     r, p = i % dilation, i // dilation
+    if border == "zero_pad":
+        return p - p % stride + stride // 2 - kernel_size // 2
     n = (length - r + dilation - 1) // dilation
     leader = min(p - p % stride + stride // 2, n - 1)
     start = min(max(leader - kernel_size // 2, 0), n - kernel_size)
@@ -37,27 +54,36 @@ def window_start(i: int, length: int, kernel_size: int, dilation: int = 1, strid
 
 
 def neighbor_index(length: int, kernel_size: int, dilation: int = 1, stride: int = 1,
-                   device=None) -> Tuple[Tensor, Tensor]:
+                   device=None, border: str = "clamp") -> Tuple[Tensor, Tensor]:
     """Per-axis index tables, both ``[length, kernel_size]`` int64.
 
     ``keys[i, t]``: the map index of query ``i``'s ``t``-th key (``start + t * dilation``).
     ``bias[i, t]``: the rpb index of that pair, the key - query offset in sub-grid units
     shifted to be non-negative: ``(keys[i, t] - i) // dilation + kernel_size - 1``,
     in ``[0, 2 * kernel_size - 2]`` (NATTEN's ``get_pb_start(i) + t``).
+    With ``border="zero_pad"`` keys may be out of the map (``< 0`` or ``>= length``).
     """
     keys = torch.empty(length, kernel_size, dtype=torch.long)
     for i in range(length):
-        start = window_start(i, length, kernel_size, dilation, stride)
+        start = window_start(i, length, kernel_size, dilation, stride, border)
         keys[i] = torch.arange(kernel_size) * dilation + start
     bias = torch.div(keys - torch.arange(length)[:, None], dilation, rounding_mode="floor") + kernel_size - 1
     return keys.to(device), bias.to(device)
 
 
 def na2d(q: Tensor, k: Tensor, v: Tensor, kernel_size: Tuple[int, int], dilation: Tuple[int, int],
-         stride: Tuple[int, int], rpb: Optional[Tensor], scale: float) -> Tensor:
+         stride: Tuple[int, int], rpb: Optional[Tensor], scale: float, border: str = "clamp",
+         rel_h: Optional[Tensor] = None, rel_w: Optional[Tensor] = None) -> Tensor:
     B, H, W, heads, D = q.shape
-    keys_h, bias_h = neighbor_index(H, kernel_size[0], dilation[0], stride[0], q.device)
-    keys_w, bias_w = neighbor_index(W, kernel_size[1], dilation[1], stride[1], q.device)
+    keys_h, bias_h = neighbor_index(H, kernel_size[0], dilation[0], stride[0], q.device, border)
+    keys_w, bias_w = neighbor_index(W, kernel_size[1], dilation[1], stride[1], q.device, border)
+    if border == "zero_pad":
+        # out-of-map keys are zeros: pad K / V with zeros and shift the indices
+        ph = max(0, -int(keys_h.min()), int(keys_h.max()) - H + 1)
+        pw = max(0, -int(keys_w.min()), int(keys_w.max()) - W + 1)
+        k = torch.nn.functional.pad(k, (0, 0, 0, 0, pw, pw, ph, ph))
+        v = torch.nn.functional.pad(v, (0, 0, 0, 0, pw, pw, ph, ph))
+        keys_h, keys_w = keys_h + ph, keys_w + pw
     rows = keys_h[:, None, :, None]  # [H, 1, kh, 1]
     cols = keys_w[None, :, None, :]  # [1, W, 1, kw]
     # neighborhoods [B, H, W, kh, kw, heads, D]: query (i, j)'s key (a, b) is
@@ -68,5 +94,9 @@ def na2d(q: Tensor, k: Tensor, v: Tensor, kernel_size: Tuple[int, int], dilation
     if rpb is not None:
         # [heads, H, W, kh, kw]
         logits = logits + rpb[:, bias_h[:, None, :, None], bias_w[None, :, None, :]]
+    if rel_h is not None:  # [B, H, W, heads, kh] -> [B, heads, H, W, kh, 1]
+        logits = logits + rel_h.permute(0, 3, 1, 2, 4)[..., :, None]
+    if rel_w is not None:  # [B, H, W, heads, kw] -> [B, heads, H, W, 1, kw]
+        logits = logits + rel_w.permute(0, 3, 1, 2, 4)[..., None, :]
     attn = logits.flatten(-2).softmax(-1).view(logits.shape)
     return torch.einsum("nhijxy,nijxyhd->nijhd", attn, v_nb)

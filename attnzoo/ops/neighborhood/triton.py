@@ -1,9 +1,9 @@
 """Triton kernels for neighborhood attention: fused forward and fused backward.
 
 Same contract as ``reference.py`` / ``cpu.py``: ``na2d(q, k, v, kernel_size, dilation,
-stride, rpb, scale)`` with validated arguments and per-axis tuples, tensors
-``[B, H, W, heads, D]`` read in place through their strides (only a tensor whose last
-dimension is not unit-stride is copied), ``rpb`` ``[heads, 2kh-1, 2kw-1]`` or None.
+stride, rpb, scale, border="clamp", rel_h=None, rel_w=None)`` with validated arguments
+and per-axis tuples, tensors ``[B, H, W, heads, D]`` read in place through their
+strides (only a tensor whose last dimension is not unit-stride is copied), ``rpb`` ``[heads, 2kh-1, 2kw-1]`` or None.
 
 Geometry (all in dilation sub-grid units; residue ``r = (i % dh, j % dw)`` is a grid axis):
 
@@ -41,6 +41,21 @@ Geometry (all in dilation sub-grid units; residue ``r = (i % dh, j % dw)`` is a 
     The price is that ``S`` is recomputed a second time (cheaper than contended
     atomics on ``N * D`` addresses at k^2-fold overlap, and deterministic).
 
+HaloNet (``border="zero_pad"``, ``rel_h`` / ``rel_w``; module flag ``SUPPORTS_HALO``):
+
+- ``zero_pad`` (dilation 1, any kernel size, even included, any map size): ``_win_start``
+  returns the unclamped ``group start + S // 2 - K // 2``, so windows (and tile halos) may
+  reach outside the map. Those keys are loaded as zeros but stay inside the softmax mask
+  (logit = bias terms only, value 0); in the backward they get no dK / dV (the dK / dV
+  kernel walks in-map key tiles only), while their ``dS`` still feeds the bias gradients
+  (their dQ contribution is ``dS * 0``). The host plan uses the same unclamped starts.
+  rpb works unchanged (key - query offsets stay in ``[-(K-1), K-1]`` for ``S <= K``).
+- ``rel_h [B, H, W, heads, kh]`` / ``rel_w [..., kw]``: per-query biases gathered by the
+  key's row / column inside the query's window, in all three kernels. Their gradients
+  come from the dQ kernel without atomics: ``dS`` is summed per halo row / column with a
+  one-hot ``tl.dot`` (``[queries, HP]`` accumulators), then each query reads its ``kh`` /
+  ``kw`` window rows / columns out of them and stores them (one writer per element).
+
 Low precision: ``P`` and ``dS`` are cast to the input dtype for their matmuls (as in
 FlashAttention); everything else is fp32. fp32 matmuls honour
 ``torch.backends.cuda.matmul.allow_tf32`` (off by default, so IEEE fp32).
@@ -71,10 +86,17 @@ _RPB_SLOTS = 16  # copies of the rpb gradient the atomics are spread over
 # --------------------------------------------------------------------------- kernels
 
 @triton.jit
-def _win_start(p, n, K: tl.constexpr, S: tl.constexpr):
-    """Window start (sub-grid units) of position ``p`` of a sub-grid of length ``n >= K``."""
-    leader = tl.minimum(p - p % S + S // 2, n - 1)
-    return tl.minimum(tl.maximum(leader - K // 2, 0), n - K)
+def _win_start(p, n, K: tl.constexpr, S: tl.constexpr, ZPAD: tl.constexpr):
+    """Window start (sub-grid units) of position ``p`` of a sub-grid of length ``n``.
+
+    Clamp mode (``n >= K``): leader centred and clamped inside the sub-grid. ``ZPAD``
+    (HaloNet): ``group start + S // 2 - K // 2``, not clamped (may lie outside the map)."""
+    if ZPAD:
+        start = p - p % S + S // 2 - K // 2
+    else:
+        leader = tl.minimum(p - p % S + S // 2, n - 1)
+        start = tl.minimum(tl.maximum(leader - K // 2, 0), n - K)
+    return start
 
 
 @triton.jit
@@ -89,14 +111,15 @@ def _dot(a, b, ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def _fwd_kernel(
-        q_ptr, k_ptr, v_ptr, rpb_ptr, o_ptr, lse_ptr, scale_ptr,
+        q_ptr, k_ptr, v_ptr, rpb_ptr, o_ptr, lse_ptr, scale_ptr, relh_ptr, relw_ptr,
         H, W, NH, DIM, DH, DW, NTW,
         sqb, sqh, sqw, sqn, skb, skh, skw, skn, svb, svh, svw, svn, sob, soh, sow, son,
-        srn, srh, srw,
+        srn, srh, srw, s1b, s1h, s1w, s1n, s1k, s2b, s2h, s2w, s2n, s2k,
         KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
         TH: tl.constexpr, TW: tl.constexpr, HALO_H: tl.constexpr, HALO_W: tl.constexpr,
         BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
         HAS_RPB: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+        ZPAD: tl.constexpr, HAS_RELH: tl.constexpr, HAS_RELW: tl.constexpr,
 ):
     pid_t, pid_r, pid_bn = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b = (pid_bn // NH).to(tl.int64)  # int64: b * sqb overflows int32 on large maps
@@ -108,8 +131,8 @@ def _fwd_kernel(
     offs_q = tl.arange(0, TH * TW)
     qh, qw = t0h + offs_q // TW, t0w + offs_q % TW
     q_ok = (qh < n_h) & (qw < n_w)
-    sh, sw = _win_start(qh, n_h, KH, SH), _win_start(qw, n_w, KW, SW)
-    h0, w0 = _win_start(t0h, n_h, KH, SH), _win_start(t0w, n_w, KW, SW)  # halo origin
+    sh, sw = _win_start(qh, n_h, KH, SH, ZPAD), _win_start(qw, n_w, KW, SW, ZPAD)
+    h0, w0 = _win_start(t0h, n_h, KH, SH, ZPAD), _win_start(t0w, n_w, KW, SW, ZPAD)  # halo origin
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < DIM
     q_row, q_col = qh * DH + rh, qw * DW + rw
@@ -123,19 +146,26 @@ def _fwd_kernel(
     for kb in range(0, HALO_H * HALO_W, BLOCK_K):
         offs_k = kb + tl.arange(0, BLOCK_K)
         kh, kw = h0 + offs_k // HALO_W, w0 + offs_k % HALO_W
-        k_ok = (offs_k < HALO_H * HALO_W) & (kh < n_h) & (kw < n_w)
+        k_in = offs_k < HALO_H * HALO_W
+        k_ok = k_in & (kh >= 0) & (kh < n_h) & (kw >= 0) & (kw < n_w)
         k_row, k_col = kh * DH + rh, kw * DW + rw
         kmask = k_ok[:, None] & d_ok[None, :]
         kt = tl.load(k_ptr + b * skb + head * skn + k_row[:, None] * skh + k_col[:, None] * skw + offs_d[None, :],
                      mask=kmask, other=0.0)
         s = _dot(q, tl.trans(kt), ACC, PREC, UPCAST) * scale
-        ok = (q_ok[:, None] & k_ok[None, :]
+        ok = (q_ok[:, None] & k_in[None, :]
               & (kh[None, :] >= sh[:, None]) & (kh[None, :] < sh[:, None] + KH)
               & (kw[None, :] >= sw[:, None]) & (kw[None, :] < sw[:, None] + KW))
         if HAS_RPB:
             ih = kh[None, :] - qh[:, None] + (KH - 1)
             iw = kw[None, :] - qw[:, None] + (KW - 1)
             s += tl.load(rpb_ptr + head * srn + ih * srh + iw * srw, mask=ok, other=0.0).to(ACC)
+        if HAS_RELH:
+            s += tl.load(relh_ptr + b * s1b + head * s1n + q_row[:, None] * s1h + q_col[:, None] * s1w
+                         + (kh[None, :] - sh[:, None]) * s1k, mask=ok, other=0.0).to(ACC)
+        if HAS_RELW:
+            s += tl.load(relw_ptr + b * s2b + head * s2n + q_row[:, None] * s2h + q_col[:, None] * s2w
+                         + (kw[None, :] - sw[:, None]) * s2k, mask=ok, other=0.0).to(ACC)
         s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp(m_i - m_new)
@@ -156,14 +186,18 @@ def _fwd_kernel(
 @triton.jit
 def _bwd_dq_kernel(
         q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, rpb_ptr, lse_ptr, delta_ptr, dq_ptr, drpb_ptr, scale_ptr,
+        relh_ptr, relw_ptr, drelh_ptr, drelw_ptr,
         H, W, NH, DIM, DH, DW, NTW, NTILES,
         sqb, sqh, sqw, sqn, skb, skh, skw, skn, svb, svh, svw, svn, sob, soh, sow, son,
         sgb, sgh, sgw, sgn, sdb, sdh, sdw, sdn, srn, srh, srw,
+        s1b, s1h, s1w, s1n, s1k, s2b, s2h, s2w, s2n, s2k,
+        t1b, t1h, t1w, t1n, t1k, t2b, t2h, t2w, t2n, t2k,
         KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
         TH: tl.constexpr, TW: tl.constexpr, HALO_H: tl.constexpr, HALO_W: tl.constexpr,
         BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, RPB_SLOTS: tl.constexpr,
         HAS_RPB: tl.constexpr, NEED_DRPB: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
-        UPCAST: tl.constexpr,
+        UPCAST: tl.constexpr, ZPAD: tl.constexpr, HAS_RELH: tl.constexpr, HAS_RELW: tl.constexpr,
+        NEED_DREL: tl.constexpr, HP_H: tl.constexpr, HP_W: tl.constexpr,
 ):
     pid_t, pid_r, pid_bn = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b = (pid_bn // NH).to(tl.int64)
@@ -175,8 +209,8 @@ def _bwd_dq_kernel(
     offs_q = tl.arange(0, TH * TW)
     qh, qw = t0h + offs_q // TW, t0w + offs_q % TW
     q_ok = (qh < n_h) & (qw < n_w)
-    sh, sw = _win_start(qh, n_h, KH, SH), _win_start(qw, n_w, KW, SW)
-    h0, w0 = _win_start(t0h, n_h, KH, SH), _win_start(t0w, n_w, KW, SW)
+    sh, sw = _win_start(qh, n_h, KH, SH, ZPAD), _win_start(qw, n_w, KW, SW, ZPAD)
+    h0, w0 = _win_start(t0h, n_h, KH, SH, ZPAD), _win_start(t0w, n_w, KW, SW, ZPAD)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < DIM
     q_row, q_col = qh * DH + rh, qw * DW + rw
@@ -193,10 +227,15 @@ def _bwd_dq_kernel(
     lse = tl.load(lse_ptr + row_off, mask=q_ok, other=0.0).to(ACC)
     scale = tl.load(scale_ptr)
     dq = tl.zeros([TH * TW, BLOCK_D], ACC)
+    # d rel_h / d rel_w: dS summed per halo row / column (a matmul with a one-hot), read out
+    # at each query's window rows / columns after the walk; per query, no atomics
+    gh = tl.zeros([TH * TW, HP_H], ACC)
+    gw = tl.zeros([TH * TW, HP_W], ACC)
     for kb in range(0, HALO_H * HALO_W, BLOCK_K):
         offs_k = kb + tl.arange(0, BLOCK_K)
         kh, kw = h0 + offs_k // HALO_W, w0 + offs_k % HALO_W
-        k_ok = (offs_k < HALO_H * HALO_W) & (kh < n_h) & (kw < n_w)
+        k_in = offs_k < HALO_H * HALO_W
+        k_ok = k_in & (kh >= 0) & (kh < n_h) & (kw >= 0) & (kw < n_w)
         k_row, k_col = kh * DH + rh, kw * DW + rw
         kmask = k_ok[:, None] & d_ok[None, :]
         kt = tl.load(k_ptr + b * skb + head * skn + k_row[:, None] * skh + k_col[:, None] * skw + offs_d[None, :],
@@ -204,22 +243,46 @@ def _bwd_dq_kernel(
         vt = tl.load(v_ptr + b * svb + head * svn + k_row[:, None] * svh + k_col[:, None] * svw + offs_d[None, :],
                      mask=kmask, other=0.0)
         s = _dot(q, tl.trans(kt), ACC, PREC, UPCAST) * scale
-        ok = (q_ok[:, None] & k_ok[None, :]
+        ok = (q_ok[:, None] & k_in[None, :]
               & (kh[None, :] >= sh[:, None]) & (kh[None, :] < sh[:, None] + KH)
               & (kw[None, :] >= sw[:, None]) & (kw[None, :] < sw[:, None] + KW))
         ih = kh[None, :] - qh[:, None] + (KH - 1)
         iw = kw[None, :] - qw[:, None] + (KW - 1)
         if HAS_RPB:
             s += tl.load(rpb_ptr + head * srn + ih * srh + iw * srw, mask=ok, other=0.0).to(ACC)
+        if HAS_RELH:
+            s += tl.load(relh_ptr + b * s1b + head * s1n + q_row[:, None] * s1h + q_col[:, None] * s1w
+                         + (kh[None, :] - sh[:, None]) * s1k, mask=ok, other=0.0).to(ACC)
+        if HAS_RELW:
+            s += tl.load(relw_ptr + b * s2b + head * s2n + q_row[:, None] * s2h + q_col[:, None] * s2w
+                         + (kw[None, :] - sw[:, None]) * s2k, mask=ok, other=0.0).to(ACC)
         p = tl.exp(tl.where(ok, s - lse[:, None], float("-inf")))
         dp = _dot(do, tl.trans(vt), ACC, PREC, UPCAST)
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(kt.dtype), kt, ACC, PREC, UPCAST)
+        if NEED_DREL:
+            oh = ((offs_k // HALO_W)[:, None] == tl.arange(0, HP_H)[None, :]).to(ACC)
+            gh += _dot(ds, oh, ACC, "ieee", False)
+            ow = ((offs_k % HALO_W)[:, None] == tl.arange(0, HP_W)[None, :]).to(ACC)
+            gw += _dot(ds, ow, ACC, "ieee", False)
         if NEED_DRPB:
             # this program's copy of the rpb gradient
             slot = ((b * tl.num_programs(1) + pid_r) * NTILES + pid_t) % RPB_SLOTS
             drpb_slot = drpb_ptr + (slot * NH + head) * ((2 * KH - 1) * (2 * KW - 1))
             tl.atomic_add(drpb_slot + ih * (2 * KW - 1) + iw, ds, mask=ok)
+    if NEED_DREL:
+        ar_h = tl.arange(0, HP_H)
+        rel_h0 = sh - h0  # a query's window rows in halo coordinates: rel_h0 + i
+        out_h = drelh_ptr + b * t1b + head * t1n + q_row * t1h + q_col * t1w
+        for i in tl.static_range(KH):
+            col = tl.sum(tl.where(ar_h[None, :] == (rel_h0 + i)[:, None], gh, 0.0), 1)
+            tl.store(out_h + i * t1k, col.to(drelh_ptr.dtype.element_ty), mask=q_ok)
+        ar_w = tl.arange(0, HP_W)
+        rel_w0 = sw - w0
+        out_w = drelw_ptr + b * t2b + head * t2n + q_row * t2h + q_col * t2w
+        for j in tl.static_range(KW):
+            col = tl.sum(tl.where(ar_w[None, :] == (rel_w0 + j)[:, None], gw, 0.0), 1)
+            tl.store(out_w + j * t2k, col.to(drelw_ptr.dtype.element_ty), mask=q_ok)
     dq = dq * scale
     tl.store(dq_ptr + b * sdb + head * sdn + q_row[:, None] * sdh + q_col[:, None] * sdw + offs_d[None, :],
              dq.to(dq_ptr.dtype.element_ty), mask=qmask)
@@ -228,12 +291,15 @@ def _bwd_dq_kernel(
 @triton.jit
 def _bwd_dkv_kernel(
         q_ptr, k_ptr, v_ptr, do_ptr, rpb_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, qoh_ptr, qow_ptr, scale_ptr,
+        relh_ptr, relw_ptr,
         H, W, NH, DIM, DH, DW, NTH, NTW,
         sqb, sqh, sqw, sqn, skb, skh, skw, skn, svb, svh, svw, svn,
         sgb, sgh, sgw, sgn, sob, soh, sow, son, srn, srh, srw,
+        s1b, s1h, s1w, s1n, s1k, s2b, s2h, s2w, s2n, s2k,
         KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
         TH: tl.constexpr, TW: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
         HAS_RPB: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+        ZPAD: tl.constexpr, HAS_RELH: tl.constexpr, HAS_RELW: tl.constexpr,
 ):
     pid_t, pid_r, pid_bn = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b = (pid_bn // NH).to(tl.int64)
@@ -266,7 +332,7 @@ def _bwd_dkv_kernel(
         offs_q = qb + tl.arange(0, BLOCK_Q)
         qh, qw = q0h + offs_q // new, q0w + offs_q % new
         q_ok = (offs_q < neh * new) & (qh < n_h) & (qw < n_w)
-        sh, sw = _win_start(qh, n_h, KH, SH), _win_start(qw, n_w, KW, SW)
+        sh, sw = _win_start(qh, n_h, KH, SH, ZPAD), _win_start(qw, n_w, KW, SW, ZPAD)
         q_row, q_col = qh * DH + rh, qw * DW + rw
         qmask = q_ok[:, None] & d_ok[None, :]
         q = tl.load(q_ptr + b * sqb + head * sqn + q_row[:, None] * sqh + q_col[:, None] * sqw + offs_d[None, :],
@@ -285,6 +351,12 @@ def _bwd_dkv_kernel(
             ih = kh[:, None] - qh[None, :] + (KH - 1)
             iw = kw[:, None] - qw[None, :] + (KW - 1)
             st += tl.load(rpb_ptr + head * srn + ih * srh + iw * srw, mask=ok, other=0.0).to(ACC)
+        if HAS_RELH:
+            st += tl.load(relh_ptr + b * s1b + head * s1n + q_row[None, :] * s1h + q_col[None, :] * s1w
+                          + (kh[:, None] - sh[None, :]) * s1k, mask=ok, other=0.0).to(ACC)
+        if HAS_RELW:
+            st += tl.load(relw_ptr + b * s2b + head * s2n + q_row[None, :] * s2h + q_col[None, :] * s2w
+                          + (kw[:, None] - sw[None, :]) * s2k, mask=ok, other=0.0).to(ACC)
         pt = tl.exp(tl.where(ok, st - lse[None, :], float("-inf")))
         dv += _dot(pt.to(do.dtype), do, ACC, PREC, UPCAST)
         dpt = _dot(vt, tl.trans(do), ACC, PREC, UPCAST)
@@ -299,14 +371,17 @@ def _bwd_dkv_kernel(
 # --------------------------------------------------------------------------- host plan
 
 @lru_cache(maxsize=128)
-def _sub_starts(length: int, k: int, d: int, s: int, r: int) -> Tuple[int, ...]:
-    """Window starts (sub-grid units) of every position of residue ``r``'s sub-grid."""
+def _sub_starts(length: int, k: int, d: int, s: int, r: int, zpad: bool = False) -> Tuple[int, ...]:
+    """Window starts (sub-grid units) of every position of residue ``r``'s sub-grid
+    (``zpad``: HaloNet's unclamped ``group start + s // 2 - k // 2``, dilation 1)."""
     n = (length - r + d - 1) // d
+    if zpad:
+        return tuple(p - p % s + s // 2 - k // 2 for p in range(n))
     return tuple((window_start(r + p * d, length, k, d, s) - r) // d for p in range(n))
 
 
 @lru_cache(maxsize=128)
-def _axis_plan(length: int, k: int, d: int, s: int, t: int):
+def _axis_plan(length: int, k: int, d: int, s: int, t: int, zpad: bool = False):
     """Per-axis tiling: ``(n_tiles, halo, qhalo, qrange)``.
 
     Tiles of ``t`` sub-grid positions, counted on the longest sub-grid. ``halo``: the
@@ -320,7 +395,7 @@ def _axis_plan(length: int, k: int, d: int, s: int, t: int):
     halo, qhalo = 1, 1
     qrange = []
     for r in range(d):
-        st = _sub_starts(length, k, d, s, r)
+        st = _sub_starts(length, k, d, s, r, zpad)
         ends = [x + k for x in st]  # exclusive window ends, non-decreasing like the starts
         n = len(st)
         row = []
@@ -353,11 +428,11 @@ def _tiles(n_h: int, n_w: int, block_q: int, max_tile_w: int) -> Tuple[int, int]
 class _Plan:
     """Tiles, halos and inverse-halo tables of one geometry (and one set of block sizes)."""
 
-    def __init__(self, H, W, kernel_size, dilation, stride, block_q, max_tile_w, block_k):
+    def __init__(self, H, W, kernel_size, dilation, stride, block_q, max_tile_w, block_k, zpad=False):
         (kh, kw), (dh, dw), (sh, sw) = kernel_size, dilation, stride
         self.th, self.tw = _tiles(-(-H // dh), -(-W // dw), block_q, max_tile_w)
-        self.nth, self.halo_h, self.qhalo_h, self.qrange_h = _axis_plan(H, kh, dh, sh, self.th)
-        self.ntw, self.halo_w, self.qhalo_w, self.qrange_w = _axis_plan(W, kw, dw, sw, self.tw)
+        self.nth, self.halo_h, self.qhalo_h, self.qrange_h = _axis_plan(H, kh, dh, sh, self.th, zpad)
+        self.ntw, self.halo_w, self.qhalo_w, self.qrange_w = _axis_plan(W, kw, dw, sw, self.tw, zpad)
         self.block_k = max(16, min(block_k, triton.next_power_of_2(self.halo_h * self.halo_w)))
         self.block_q = max(16, min(block_k, triton.next_power_of_2(self.qhalo_h * self.qhalo_w)))
         self._tables = {}
@@ -371,8 +446,8 @@ class _Plan:
 
 
 @lru_cache(maxsize=64)
-def _plan(H, W, kernel_size, dilation, stride, block_q, max_tile_w, block_k) -> _Plan:
-    return _Plan(H, W, kernel_size, dilation, stride, block_q, max_tile_w, block_k)
+def _plan(H, W, kernel_size, dilation, stride, block_q, max_tile_w, block_k, zpad=False) -> _Plan:
+    return _Plan(H, W, kernel_size, dilation, stride, block_q, max_tile_w, block_k, zpad)
 
 
 # --------------------------------------------------------------------------- launchers
@@ -420,11 +495,17 @@ def _block_sizes(dtype: torch.dtype, block_d: int) -> Tuple[int, int]:
     return bq, bk
 
 
-def _common(q, kernel_size, dilation, stride):
+def _rel_args(rel: Optional[torch.Tensor]):
+    if rel is None:
+        return None, (0, 0, 0, 0, 0)
+    return rel, rel.stride()
+
+
+def _common(q, kernel_size, dilation, stride, zpad=False):
     B, H, W, NH, D = q.shape
     block_d = max(16, triton.next_power_of_2(D))
     bq, bk = _block_sizes(q.dtype, block_d)
-    plan = _plan(H, W, tuple(kernel_size), tuple(dilation), tuple(stride), bq, _MAX_TILE_W, bk)
+    plan = _plan(H, W, tuple(kernel_size), tuple(dilation), tuple(stride), bq, _MAX_TILE_W, bk, bool(zpad))
     grid = (plan.nth * plan.ntw, dilation[0] * dilation[1], B * NH)
     return plan, grid, block_d
 
@@ -434,36 +515,55 @@ def _scale_tensor(scale: float, acc_torch, device) -> torch.Tensor:
     return torch.full((1,), scale, dtype=acc_torch, device=device)
 
 
-def forward(q, k, v, kernel_size, dilation, stride, rpb, scale) -> Tuple[torch.Tensor, torch.Tensor]:
+def forward(q, k, v, kernel_size, dilation, stride, rpb, scale, border="clamp", rel_h=None,
+            rel_w=None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Output ``[B, H, W, heads, D]`` (q's dtype) and log-sum-exp ``[B, H, W, heads]`` (fp32; fp64 for fp64)."""
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     B, H, W, NH, D = q.shape
-    plan, grid, block_d = _common(q, kernel_size, dilation, stride)
+    zpad = border == "zero_pad"
+    plan, grid, block_d = _common(q, kernel_size, dilation, stride, zpad)
+    rel_h, s1 = _rel_args(rel_h)
+    rel_w, s2 = _rel_args(rel_w)
     acc, acc_torch = _acc_dtype(q.dtype)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, W, NH), dtype=acc_torch, device=q.device)
     rpb, sr = _rpb_args(rpb)
     _fwd_kernel[grid](
-        q, k, v, rpb, out, lse, _scale_tensor(scale, acc_torch, q.device),
+        q, k, v, rpb, out, lse, _scale_tensor(scale, acc_torch, q.device), rel_h, rel_w,
         H, W, NH, D, dilation[0], dilation[1], plan.ntw,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(out), *sr,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(out), *sr, *s1, *s2,
         KH=kernel_size[0], KW=kernel_size[1], SH=stride[0], SW=stride[1],
         TH=plan.th, TW=plan.tw, HALO_H=plan.halo_h, HALO_W=plan.halo_w,
         BLOCK_K=plan.block_k, BLOCK_D=block_d,
         HAS_RPB=rpb is not None, ACC=acc, PREC=_precision(q.dtype), UPCAST=_upcast(q.dtype),
+        ZPAD=zpad, HAS_RELH=rel_h is not None, HAS_RELW=rel_w is not None,
     )
     return out, lse
 
 
 def backward(do, q, k, v, out, lse, kernel_size, dilation, stride, rpb, scale,
-             need_dkv: bool = True, need_drpb: bool = True):
-    """``dq, dk, dv, drpb`` (dk, dv None unless ``need_dkv``; drpb None without rpb or ``need_drpb``).
+             need_dkv: bool = True, need_drpb: bool = True, border: str = "clamp",
+             rel_h: Optional[torch.Tensor] = None, rel_w: Optional[torch.Tensor] = None, need_drel: bool = True):
+    """``dq, dk, dv, drpb, drel_h, drel_w`` (dk, dv None unless ``need_dkv``; drpb None without rpb
+    or ``need_drpb``; drel_h / drel_w None without rel_h / rel_w or ``need_drel``).
 
-    ``out`` and ``lse`` are ``forward``'s; dq / dk / dv come in the inputs' dtype, drpb in rpb's.
+    ``out`` and ``lse`` are ``forward``'s; dq / dk / dv come in the inputs' dtype, drpb in rpb's,
+    drel_h / drel_w (contiguous) in rel_h's / rel_w's.
     """
     q, k, v, do = _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(do)
     B, H, W, NH, D = q.shape
-    plan, grid, block_d = _common(q, kernel_size, dilation, stride)
+    zpad = border == "zero_pad"
+    plan, grid, block_d = _common(q, kernel_size, dilation, stride, zpad)
+    rel_h, s1 = _rel_args(rel_h)
+    rel_w, s2 = _rel_args(rel_w)
+    need_drel = need_drel and (rel_h is not None or rel_w is not None)
+    # the kernel writes both when it writes one; a gradient nobody asked for is dropped
+    drel_h = torch.empty((B, H, W, NH, kernel_size[0]), dtype=(rel_h if rel_h is not None else q).dtype,
+                         device=q.device) if need_drel else None
+    drel_w = torch.empty((B, H, W, NH, kernel_size[1]), dtype=(rel_w if rel_w is not None else q).dtype,
+                         device=q.device) if need_drel else None
+    t1 = drel_h.stride() if need_drel else (0,) * 5
+    t2 = drel_w.stride() if need_drel else (0,) * 5
     acc, acc_torch = _acc_dtype(q.dtype)
     prec = _precision(q.dtype)
     scale_t = _scale_tensor(scale, acc_torch, q.device)
@@ -475,13 +575,17 @@ def backward(do, q, k, v, out, lse, kernel_size, dilation, stride, rpb, scale,
     slots = min(_RPB_SLOTS, grid[0] * grid[1] * B)
     drpb = torch.zeros((slots, NH, 2 * kh - 1, 2 * kw - 1), dtype=acc_torch, device=q.device) if need_drpb else None
     consts = dict(KH=kh, KW=kw, SH=stride[0], SW=stride[1], TH=plan.th, TW=plan.tw,
-                  BLOCK_D=block_d, HAS_RPB=rpb is not None, ACC=acc, PREC=prec, UPCAST=_upcast(q.dtype))
+                  BLOCK_D=block_d, HAS_RPB=rpb is not None, ACC=acc, PREC=prec, UPCAST=_upcast(q.dtype),
+                  ZPAD=zpad, HAS_RELH=rel_h is not None, HAS_RELW=rel_w is not None)
     _bwd_dq_kernel[grid](
-        q, k, v, out, do, rpb_t, lse, delta, dq, drpb, scale_t,
+        q, k, v, out, do, rpb_t, lse, delta, dq, drpb, scale_t, rel_h, rel_w, drel_h, drel_w,
         H, W, NH, D, dilation[0], dilation[1], plan.ntw, grid[0],
         *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(do), *_strides(dq), *sr,
+        *s1, *s2, *t1, *t2,
         HALO_H=plan.halo_h, HALO_W=plan.halo_w, BLOCK_K=plan.block_k,
-        RPB_SLOTS=slots, NEED_DRPB=need_drpb, **consts,
+        RPB_SLOTS=slots, NEED_DRPB=need_drpb, NEED_DREL=need_drel,
+        HP_H=max(16, triton.next_power_of_2(plan.halo_h)), HP_W=max(16, triton.next_power_of_2(plan.halo_w)),
+        **consts,
     )
     dk = dv = None
     if need_dkv:
@@ -489,46 +593,88 @@ def backward(do, q, k, v, out, lse, kernel_size, dilation, stride, rpb, scale,
         dv = torch.empty(q.shape, dtype=v.dtype, device=q.device)
         qoh, qow = plan.tables(q.device)
         _bwd_dkv_kernel[grid](
-            q, k, v, do, rpb_t, lse, delta, dk, dv, qoh, qow, scale_t,
+            q, k, v, do, rpb_t, lse, delta, dk, dv, qoh, qow, scale_t, rel_h, rel_w,
             H, W, NH, D, dilation[0], dilation[1], plan.nth, plan.ntw,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *sr,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *sr, *s1, *s2,
             BLOCK_Q=plan.block_q, **consts,
         )
     if drpb is not None:
         drpb = drpb.sum(0).to(rpb.dtype)
-    return dq, dk, dv, drpb
+    if rel_h is None:
+        drel_h = None
+    if rel_w is None:
+        drel_w = None
+    return dq, dk, dv, drpb, drel_h, drel_w
 
 
 # --------------------------------------------------------------------------- autograd
 
 class _NA2D(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, rpb, kernel_size, dilation, stride, scale):
-        out, lse = forward(q, k, v, kernel_size, dilation, stride, rpb, scale)
-        ctx.save_for_backward(q, k, v, rpb, out, lse)
-        ctx.geometry = (kernel_size, dilation, stride, scale)
+    def forward(ctx, q, k, v, rpb, rel_h, rel_w, kernel_size, dilation, stride, scale, border):
+        out, lse = forward(q, k, v, kernel_size, dilation, stride, rpb, scale, border, rel_h, rel_w)
+        ctx.save_for_backward(q, k, v, rpb, rel_h, rel_w, out, lse)
+        ctx.geometry = (kernel_size, dilation, stride, scale, border)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, do):
-        q, k, v, rpb, out, lse = ctx.saved_tensors
-        need_q, need_k, need_v, need_rpb = ctx.needs_input_grad[:4]
-        if not (need_q or need_k or need_v or need_rpb):
-            return (None,) * 8
-        kernel_size, dilation, stride, scale = ctx.geometry
-        dq, dk, dv, drpb = backward(do, q, k, v, out, lse, kernel_size, dilation, stride, rpb, scale,
-                                    need_dkv=need_k or need_v, need_drpb=need_rpb)
+        q, k, v, rpb, rel_h, rel_w, out, lse = ctx.saved_tensors
+        need_q, need_k, need_v, need_rpb, need_rh, need_rw = ctx.needs_input_grad[:6]
+        if not (need_q or need_k or need_v or need_rpb or need_rh or need_rw):
+            return (None,) * 11
+        kernel_size, dilation, stride, scale, border = ctx.geometry
+        dq, dk, dv, drpb, drh, drw = backward(do, q, k, v, out, lse, kernel_size, dilation, stride, rpb, scale,
+                                              need_dkv=need_k or need_v, need_drpb=need_rpb, border=border,
+                                              rel_h=rel_h, rel_w=rel_w, need_drel=need_rh or need_rw)
         return (dq if need_q else None, dk if need_k else None, dv if need_v else None,
-                drpb if need_rpb else None, None, None, None, None)
+                drpb if need_rpb else None, drh if need_rh else None, drw if need_rw else None,
+                None, None, None, None, None)
 
 
 # --------------------------------------------------------------------------- public
 
+#: the dispatch may route ``border="zero_pad"`` and ``rel_h`` / ``rel_w`` here
+SUPPORTS_HALO = True
+_BORDERS = ("clamp", "zero_pad")
+
+
+def _check_halo_args(q, kernel_size, dilation, stride, rpb, border, rel_h, rel_w):
+    if border not in _BORDERS:
+        raise ValueError(f"na2d (triton): border must be one of {_BORDERS}, got {border!r}")
+    if border == "zero_pad":
+        if tuple(dilation) != (1, 1):
+            raise ValueError(f"na2d (triton): border='zero_pad' needs dilation 1, got {tuple(dilation)}")
+        if rpb is not None and any(s > k for s, k in zip(stride, kernel_size)):
+            raise ValueError(f"na2d (triton): border='zero_pad' with rpb needs stride <= kernel_size, "
+                             f"got stride {tuple(stride)} and kernel_size {tuple(kernel_size)}")
+    B, H, W, NH, _ = q.shape
+    for name, rel, kk in (("rel_h", rel_h, kernel_size[0]), ("rel_w", rel_w, kernel_size[1])):
+        if rel is None:
+            continue
+        if not isinstance(rel, torch.Tensor) or tuple(rel.shape) != (B, H, W, NH, kk):
+            got = tuple(rel.shape) if isinstance(rel, torch.Tensor) else type(rel).__name__
+            raise ValueError(f"na2d (triton): {name} must be [B, H, W, heads, k] = {(B, H, W, NH, kk)}, got {got}")
+        if rel.device != q.device or not rel.is_floating_point():
+            raise ValueError(f"na2d (triton): {name} must be a floating tensor on {q.device}, "
+                             f"got {rel.dtype} on {rel.device}")
+
+
 def na2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: Tuple[int, int],
          dilation: Tuple[int, int], stride: Tuple[int, int], rpb: Optional[torch.Tensor],
-         scale: float) -> torch.Tensor:
-    """Neighborhood attention on ``[B, H, W, heads, D]`` (validated args, per-axis tuples; see ``__init__``)."""
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, rpb)):
-        return _NA2D.apply(q, k, v, rpb, tuple(kernel_size), tuple(dilation), tuple(stride), float(scale))
-    return forward(q, k, v, kernel_size, dilation, stride, rpb, scale)[0]
+         scale: float, border: str = "clamp", rel_h: Optional[torch.Tensor] = None,
+         rel_w: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Neighborhood attention on ``[B, H, W, heads, D]`` (validated args, per-axis tuples; see ``__init__``).
+
+    ``border="zero_pad"`` (HaloNet, dilation 1): unclamped windows starting at ``group start +
+    stride // 2 - kernel // 2``; keys outside the map are zeros that still take part in the
+    softmax (logit = the bias terms only). Any kernel size (even too) and map size.
+    ``rel_h`` / ``rel_w`` ``[B, H, W, heads, kh | kw]``: per-query biases added to the logit of
+    the key at window row ``i`` / column ``j``; differentiable.
+    """
+    kernel_size, dilation, stride = tuple(kernel_size), tuple(dilation), tuple(stride)
+    _check_halo_args(q, kernel_size, dilation, stride, rpb, border, rel_h, rel_w)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, rpb, rel_h, rel_w)):
+        return _NA2D.apply(q, k, v, rpb, rel_h, rel_w, kernel_size, dilation, stride, float(scale), border)
+    return forward(q, k, v, kernel_size, dilation, stride, rpb, scale, border, rel_h, rel_w)[0]
