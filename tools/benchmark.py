@@ -45,6 +45,10 @@ PEERS = {
     "eca_mobilenet_v2": "mobilenetv2_100",
     # NAT/DiNAT: Swin at equal size (the comparison the NAT papers make)
     **{f"{fam}_{size}": f"swin_{size}_patch4_window7_224" for fam in ("nat", "dinat") for size in ("tiny", "small", "base")},
+    # HaloNet: timm's own model of the same config
+    "attn_halonet26t": "halonet26t",
+    "attn_halonet50ts": "halonet50ts",
+    "haloattn_h1": "halonet_h1",
     "test_cbam_resnet": "test_resnet",
     "test_eca_resnet": "test_resnet",
 }
@@ -337,7 +341,30 @@ def _neighborhood_cases(batch, device, dtype):
                          flops=4 * batch * heads * n * n * ks * ks * D, baselines=base)
 
 
-OP_BENCHES = {"gate": _gate_cases, "neighborhood": _neighborhood_cases}
+def _halo_cases(batch, device, dtype):
+    """HaloNet's attention layer (64x64, block 8, halo 3, 8 heads, dim 256) on our op against
+    timm's ``HaloAttn`` holding the same weights."""
+    import copy
+
+    from timm.layers.halo_attn import HaloAttn
+
+    from attnzoo.layers import HaloAttention
+
+    dim, n = 256, 64
+    timm_layer = HaloAttn(dim, dim, num_heads=8, block_size=8, halo_size=3).to(device, dtype)
+    ours = HaloAttention(dim, dim, num_heads=8, block_size=8, halo_size=3).to(device, dtype)
+    ours.load_state_dict(copy.deepcopy(timm_layer.state_dict()))
+    x = torch.randn(batch, dim, n, n, device=device, dtype=dtype)
+
+    def run(ins, b):
+        ours.backend = b
+        return ours(ins[0])
+
+    yield OpCase("halo_attn", f"{batch}x{dim}x{n}x{n} b8 h3", [x], run,
+                 flops=4 * batch * n * n * 14 * 14 * dim, baselines={"timm HaloAttn": lambda ins: timm_layer(ins[0])})
+
+
+OP_BENCHES = {"gate": _gate_cases, "neighborhood": _neighborhood_cases, "halo": _halo_cases}
 OP_COLUMNS = ["op", "shape", "method", "fwd_ms", "fwd_bwd_ms", "fwd_speedup", "fwd_bwd_speedup",
               "fwd_gflops", "of_matmul_peak", "max_rel_err"]
 
