@@ -55,3 +55,25 @@ def run_in_interpreter(test_file: str, child_flag: str, timeout: int = 600) -> s
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, "interpreter run failed:\n" + out[-12000:]
     return out.strip().splitlines()[-1]
+
+
+def poison_empty(monkeypatch, module) -> None:
+    """Make ``module``'s ``torch.empty``/``empty_like`` return NaN (or a far-off index), so an
+    element a kernel does not write cannot pass by reusing memory an earlier call left behind."""
+
+    def poison(t):
+        return t.fill_(float("nan") if t.is_floating_point() else 2 ** 30)
+
+    class _Torch:
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+        @staticmethod
+        def empty(*args, **kwargs):
+            return poison(torch.empty(*args, **kwargs))
+
+        @staticmethod
+        def empty_like(*args, **kwargs):
+            return poison(torch.empty_like(*args, **kwargs))
+
+    monkeypatch.setattr(module, "torch", _Torch())

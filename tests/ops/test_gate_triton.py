@@ -12,7 +12,7 @@ import zlib
 
 import pytest
 import torch
-from _triton_harness import kernel_device, run_in_interpreter
+from _triton_harness import kernel_device, poison_empty, run_in_interpreter
 from torch import nn
 
 if importlib.util.find_spec("triton") is None:
@@ -143,27 +143,8 @@ def _backward(outs, g):
 
 @pytest.fixture(autouse=True)
 def _poisoned_buffers(monkeypatch):
-    """Kernel outputs start as NaN (or a far-off index) so an unwritten element cannot pass
-    by reusing memory that an earlier, correct call left behind."""
-    if tri is None:
-        return
-
-    def poison(t):
-        return t.fill_(float("nan") if t.is_floating_point() else 2 ** 30)
-
-    class _Torch:
-        def __getattr__(self, name):
-            return getattr(torch, name)
-
-        @staticmethod
-        def empty(*args, **kwargs):
-            return poison(torch.empty(*args, **kwargs))
-
-        @staticmethod
-        def empty_like(*args, **kwargs):
-            return poison(torch.empty_like(*args, **kwargs))
-
-    monkeypatch.setattr(tri, "torch", _Torch())
+    if tri is not None:
+        poison_empty(monkeypatch, tri)
 
 
 # --------------------------------------------------------------------------- primitives

@@ -23,7 +23,7 @@ import zlib
 
 import pytest
 import torch
-from _triton_harness import kernel_device, run_in_interpreter
+from _triton_harness import kernel_device, poison_empty, run_in_interpreter
 
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
@@ -194,27 +194,8 @@ def _case_2d(B, H, W, heads, D, kernel, dilation, stride, with_rpb, dtype):
 
 @pytest.fixture(autouse=True)
 def _poisoned_buffers(monkeypatch):
-    """Kernel outputs start as NaN so an element a kernel does not write cannot pass by
-    reusing memory that an earlier, correct call left behind."""
-    if tri is None:
-        return
-
-    def poison(t):
-        return t.fill_(float("nan") if t.is_floating_point() else 2 ** 30)
-
-    class _Torch:
-        def __getattr__(self, name):
-            return getattr(torch, name)
-
-        @staticmethod
-        def empty(*args, **kwargs):
-            return poison(torch.empty(*args, **kwargs))
-
-        @staticmethod
-        def empty_like(*args, **kwargs):
-            return poison(torch.empty_like(*args, **kwargs))
-
-    monkeypatch.setattr(tri, "torch", _Torch())
+    if tri is not None:
+        poison_empty(monkeypatch, tri)
 
 
 # --------------------------------------------------------------------------- against the reference
