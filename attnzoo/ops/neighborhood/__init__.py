@@ -96,28 +96,26 @@ def _validate(op: str, q, k, v, kernel_size, dilation, stride, rpb, scale, n: in
                          f"{need} (kernel_size {kernel_size}, dilation {dilation}); pad it first")
     heads = q.shape[-2]
     if rpb is not None:
-        expect = (heads,) + tuple(2 * kk - 1 for kk in ks)
-        if not isinstance(rpb, torch.Tensor) or tuple(rpb.shape) != expect:
-            got = tuple(rpb.shape) if isinstance(rpb, torch.Tensor) else type(rpb).__name__
-            raise ValueError(f"{op}: rpb must have shape [heads, 2k-1{', 2k-1' if n == 2 else ''}] = {expect} "
-                             f"for q {tuple(q.shape)} and kernel_size {kernel_size}, got {got}")
-        if rpb.device != q.device or not rpb.is_floating_point():
-            raise ValueError(f"{op}: rpb must be a floating tensor on {q.device}, got {rpb.dtype} on {rpb.device}")
+        _check_bias(op, "rpb", rpb, q, (heads,) + tuple(2 * kk - 1 for kk in ks),
+                    f"[heads, 2k-1{', 2k-1' if n == 2 else ''}]", f" and kernel_size {kernel_size}")
     if scale is None:
         scale = q.shape[-1] ** -0.5
     return ks, dil, st, float(scale)
 
 
-def _validate_rel(op: str, name: str, rel, q: torch.Tensor, kk: int):
-    if rel is None:
-        return
-    expect = tuple(q.shape[:-1]) + (kk,)
-    if not isinstance(rel, torch.Tensor) or tuple(rel.shape) != expect:
-        got = tuple(rel.shape) if isinstance(rel, torch.Tensor) else type(rel).__name__
-        raise ValueError(f"{op}: {name} must have shape [B, H, W, heads, k] = {expect} for q {tuple(q.shape)}, "
+def _check_bias(op: str, name: str, t, q: torch.Tensor, expect: tuple, layout: str, context: str = "") -> None:
+    """An additive logit term: a floating tensor of shape ``expect`` on q's device."""
+    if not isinstance(t, torch.Tensor) or tuple(t.shape) != expect:
+        got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{op}: {name} must have shape {layout} = {expect} for q {tuple(q.shape)}{context}, "
                          f"got {got}")
-    if rel.device != q.device or not rel.is_floating_point():
-        raise ValueError(f"{op}: {name} must be a floating tensor on {q.device}, got {rel.dtype} on {rel.device}")
+    if t.device != q.device or not t.is_floating_point():
+        raise ValueError(f"{op}: {name} must be a floating tensor on {q.device}, got {t.dtype} on {t.device}")
+
+
+def _validate_rel(op: str, name: str, rel, q: torch.Tensor, kk: int):
+    if rel is not None:
+        _check_bias(op, name, rel, q, tuple(q.shape[:-1]) + (kk,), "[B, H, W, heads, k]")
 
 
 _NO_HALO = ("the triton backend does not implement border='zero_pad' / rel_h / rel_w "
