@@ -12,6 +12,7 @@ call these kernels instead, so results match compiled mmcv.
   CUDA tensors only; CPU runs use mmdet's Python loss);
 - anything else raises ``NotImplementedError`` naming the op, when it is called.
 """
+import importlib.machinery
 import importlib.util
 import sys
 import types
@@ -108,6 +109,9 @@ def install() -> bool:
         return False
     if MODULE not in sys.modules:
         ext = _FallbackExt(MODULE, __doc__)
+        # a spec without a loader: importlib is satisfied, and mmengine's pkgutil.find_loader("mmcv._ext")
+        # still reports no compiled mmcv (it picks torch's SyncBatchNorm, not mmcv's)
+        ext.__spec__ = importlib.machinery.ModuleSpec(MODULE, None)
         for name in PROVIDED:
             setattr(ext, name, globals()[name])
         sys.modules[MODULE] = ext

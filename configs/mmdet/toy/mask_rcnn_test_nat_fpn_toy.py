@@ -1,6 +1,6 @@
 # Mask R-CNN on the shapes set (python tools/make_toy_data.py): tiny backbone and heads, CPU minutes.
 _base_ = ['../_base_/models/mask_rcnn_fpn.py', '../_base_/datasets/toy_instance.py',
-          '../_base_/schedules/toy.py', 'mmdet::_base_/default_runtime.py']
+          '../_base_/schedules/toy.py']
 from attnzoo.heads import feature_channels  # noqa: E402  (in_channels from the model's feature_info)
 
 model = dict(

@@ -1,4 +1,5 @@
-# Iteration-based schedule for the toy set (CPU minutes). Tests shorten max_iters further.
+# Iteration-based schedule and runtime for the toy set (CPU minutes). Tests shorten max_iters further.
+_base_ = 'mmdet::_base_/default_runtime.py'  # here, not in the leaf: this file overrides its hooks
 train_cfg = dict(type='IterBasedTrainLoop', max_iters=600, val_interval=600)
 val_cfg = dict(type='ValLoop')
 test_cfg = dict(type='TestLoop')
