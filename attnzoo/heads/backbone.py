@@ -5,6 +5,8 @@ Stages are the model's feature levels at stride 4 and coarser (``feature_info`` 
 the stride 4, 8, 16 and 32 maps. ``frozen_stages=k`` freezes the stem (everything that runs before
 stage 0) and stages 0..k-1; ``-1`` freezes nothing, ``0`` the stem only.
 """
+import copy
+import functools
 from typing import Dict, List, Optional, Sequence
 
 import timm
@@ -18,8 +20,22 @@ from ..backbones._helpers import load_checkpoint_file
 def stage_info(model_name: str, **model_kwargs) -> List[Dict]:
     """The ``feature_info`` entries of ``model_name``'s stages (stride >= 4), each with its timm ``index``.
 
-    Builds the model on the meta device, so it costs no memory and well under a second.
+    Builds the model on the meta device (no memory, well under a second), once per name and kwargs.
     """
+    try:
+        key = tuple(sorted(model_kwargs.items()))
+        hash(key)
+    except TypeError:  # unhashable kwargs (lists): probe without the cache
+        return copy.deepcopy(_stage_info(model_name, model_kwargs))
+    return copy.deepcopy(_cached_stage_info(model_name, key))
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_stage_info(model_name: str, key: tuple) -> List[Dict]:
+    return _stage_info(model_name, dict(key))
+
+
+def _stage_info(model_name: str, model_kwargs: Dict) -> List[Dict]:
     with torch.device("meta"):
         probe = timm.create_model(model_name, **model_kwargs)
     return [dict(info, index=i) for i, info in enumerate(probe.feature_info) if info["reduction"] >= 4]
