@@ -13,7 +13,7 @@ if str(_ROOT) not in sys.path:
 # mmengine imports pkg_resources, which setuptools<81 deprecates loudly on every import
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
 
-import attnzoo.heads.mm  # noqa: E402,F401  (registers AttnZooBackbone; mmcv-lite kernels; checkpoint loading)
+import attnzoo.heads.mm as attnzoo_mm  # noqa: E402  (registers AttnZooBackbone; mmcv-lite kernels; checkpoints)
 from mmengine.config import Config, DictAction  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
@@ -46,5 +46,9 @@ def load_config(args) -> Config:
 def build_runner(cfg: Config) -> Runner:
     if "runner_type" in cfg:
         from mmengine.registry import RUNNERS
-        return RUNNERS.build(cfg)
-    return Runner.from_cfg(cfg)
+        runner = RUNNERS.build(cfg)
+    else:
+        runner = Runner.from_cfg(cfg)
+    runner.logger.info("mmcv ops: " + ("torchvision/torch fallback for mmcv-lite (nms, RoIAlign, focal loss)"
+                                       if attnzoo_mm.MMCV_OPS_FALLBACK else "compiled mmcv"))
+    return runner

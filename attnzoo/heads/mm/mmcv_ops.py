@@ -19,6 +19,7 @@ import types
 
 import torch
 import torch.nn.functional as F
+import torchvision  # also registers torch.ops.torchvision (RoIAlign's backward)
 
 MODULE = "mmcv._ext"
 HOW_TO_INSTALL = (
@@ -27,7 +28,6 @@ HOW_TO_INSTALL = (
 
 
 def nms(boxes, scores, iou_threshold, offset=0):
-    import torchvision
     if offset:  # legacy "+1" box sizes: widen the boxes so torchvision's IoU equals mmcv's
         boxes = torch.cat([boxes[:, :2], boxes[:, 2:] + offset], dim=1)
     return torchvision.ops.nms(boxes.float(), scores.float(), float(iou_threshold))
@@ -40,15 +40,13 @@ def _avg_only(pool_mode):
 
 def roi_align_forward(input, rois, output, argmax_y, argmax_x, aligned_height, aligned_width,
                       spatial_scale, sampling_ratio, pool_mode, aligned):
-    import torchvision  # noqa: F401  (registers torch.ops.torchvision)
     _avg_only(pool_mode)
-    output.copy_(torch.ops.torchvision.roi_align(input, rois, spatial_scale, aligned_height, aligned_width,
-                                                 sampling_ratio, aligned))
+    output.copy_(torchvision.ops.roi_align(input, rois, (aligned_height, aligned_width), spatial_scale,
+                                           sampling_ratio, aligned))
 
 
 def roi_align_backward(grad_output, rois, argmax_y, argmax_x, grad_input, aligned_height, aligned_width,
                        spatial_scale, sampling_ratio, pool_mode, aligned):
-    import torchvision  # noqa: F401
     _avg_only(pool_mode)
     b, c, h, w = grad_input.shape
     grad_input.copy_(torch.ops.torchvision._roi_align_backward(
