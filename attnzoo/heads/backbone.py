@@ -93,7 +93,8 @@ class AttnZooBackbone(nn.Module):
                                       **extra, **model_kwargs)
         self.out_channels = [stages[i]["num_chs"] for i in self.out_indices]
         self.strides = [stages[i]["reduction"] for i in self.out_indices]
-        self._frozen_modules = self._freeze([s["module"] for s in stages])
+        # names, not objects: SyncBN conversion (mmengine's sync_bn, DDP set-ups) swaps the BN modules
+        self._frozen_names = self._freeze([s["module"] for s in stages])
         self.train()
 
     def _submodule(self, name: str) -> nn.Module:
@@ -105,7 +106,7 @@ class AttnZooBackbone(nn.Module):
                 continue
         raise RuntimeError(f"stage module {name!r} of {self.model_name} not found in its features_only model")
 
-    def _freeze(self, stage_modules: List[str]) -> List[nn.Module]:
+    def _freeze(self, stage_modules: List[str]) -> List[str]:
         """Freeze every parameter registered up to the end of stage ``frozen_stages - 1`` (the stem: up to
         the start of stage 0); return the modules to hold in eval mode. Registration order is execution
         order in timm's feature wrappers. A stage's ``feature_info`` module may be its last part only
@@ -124,17 +125,23 @@ class AttnZooBackbone(nn.Module):
         frozen = {id(p) for p in params[:end]}
         for p in params[:end]:
             p.requires_grad_(False)
-        modules = list(self.body.modules())
-        owners = [i for i, m in enumerate(modules) if any(id(p) in frozen for p in m.parameters(recurse=False))]
+        modules = list(self.body.named_modules())
+        owners = [i for i, (_, m) in enumerate(modules)
+                  if any(id(p) in frozen for p in m.parameters(recurse=False))]
         if not owners:
             return []
         # parameter-free modules inside the frozen prefix (dropout, drop path) stop training too
-        return [m for m in modules[:owners[-1] + 1] if all(id(p) in frozen for p in m.parameters())]
+        return [n for n, m in modules[:owners[-1] + 1] if all(id(p) in frozen for p in m.parameters())]
+
+    @property
+    def frozen_modules(self) -> List[nn.Module]:
+        """The modules of the frozen stages, which ``train()`` keeps in eval mode."""
+        return [self.body.get_submodule(n) for n in self._frozen_names]
 
     def train(self, mode: bool = True) -> "AttnZooBackbone":
         super().train(mode)
         if mode:
-            for m in self._frozen_modules:
+            for m in self.frozen_modules:
                 m.eval()
             if self.norm_eval:
                 for m in self.modules():

@@ -42,8 +42,8 @@ def test_frozen_stages_stay_frozen_and_in_eval_through_train(name):
         backbone.train()
         frozen = [n for n, p in backbone.body.named_parameters() if not p.requires_grad]
         counts.append(len(frozen))
-        assert backbone._frozen_modules, f"{name}: frozen_stages={k} froze no module"
-        assert all(not m.training for m in backbone._frozen_modules)
+        assert backbone.frozen_modules, f"{name}: frozen_stages={k} froze no module"
+        assert all(not m.training for m in backbone.frozen_modules)
         assert backbone.training
         # the trainable rest is still in training mode and gets gradients; the frozen part gets none
         out = backbone(torch.randn(2, 3, 64, 64))[-1]
@@ -53,7 +53,7 @@ def test_frozen_stages_stay_frozen_and_in_eval_through_train(name):
             assert not out.requires_grad
         for n, p in backbone.body.named_parameters():
             assert (p.grad is None) == (not p.requires_grad), n
-        trainable = [m for m in backbone.modules() if m not in backbone._frozen_modules
+        trainable = [m for m in backbone.modules() if m not in backbone.frozen_modules
                      and any(True for _ in m.parameters(recurse=False))]
         assert all(m.training for m in trainable)
     total = sum(1 for _ in AttnZooBackbone(name).parameters())
@@ -65,6 +65,13 @@ def test_frozen_stem_matches_mmdet_resnet_convention():
     backbone = AttnZooBackbone("test_cbam_resnet", frozen_stages=1)
     frozen = {n.split(".")[0] for n, p in backbone.body.named_parameters() if not p.requires_grad}
     assert frozen == {"conv1", "bn1", "layer1"}
+
+
+def test_frozen_stages_survive_syncbn_conversion():
+    backbone = torch.nn.SyncBatchNorm.convert_sync_batchnorm(AttnZooBackbone("test_cbam_resnet", frozen_stages=2))
+    backbone.train()
+    syncbns = [m for m in backbone.frozen_modules if isinstance(m, torch.nn.SyncBatchNorm)]
+    assert syncbns and all(not m.training and not m.weight.requires_grad for m in syncbns)
 
 
 @pytest.mark.parametrize("name", ["test_cbam_resnet", "test_attn_halonet"])
