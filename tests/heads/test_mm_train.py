@@ -100,4 +100,5 @@ def test_retinanet_learns_the_toy_set(tmp_path):
     # the default toy set and schedule (128 train images, 600 iterations, ~5 min on 2 cores)
     make_toy_data.main(["--out", str(tmp_path / "toy")])
     _, metrics = _train("retinanet", tmp_path / "toy", "test_cbam_resnet", 600, tmp_path / "run", batch_size=4)
+    print("toy RetinaNet:", {k: v for k, v in metrics.items() if k.startswith("coco/")})
     assert metrics["coco/bbox_mAP_50"] > 0.5 and metrics["coco/bbox_mAP"] > 0.3, metrics
