@@ -12,3 +12,4 @@ param_scheduler = [
 default_hooks = dict(logger=dict(type='LoggerHook', interval=20),
                      checkpoint=dict(type='CheckpointHook', by_epoch=False, interval=600))
 log_processor = dict(by_epoch=False)
+randomness = dict(seed=0)  # reproducible toy runs
