@@ -1,10 +1,12 @@
 from setuptools import find_packages, setup
 
+# OpenMMLab stack for attnzoo.heads.mm: mmengine needs pkg_resources (setuptools<81) at run time, and
+# mmseg imports ftfy and regex without declaring them; mmcv-lite's missing kernels come from torchvision
 MM = [
     "mmengine==0.10.7", "mmcv-lite==2.1.0", "mmdet==3.3.0", "mmsegmentation==1.2.2",
     "pycocotools", "ftfy", "regex", "setuptools<81",
 ]
-TEST = ["pytest", "pytest-xdist", "hypothesis"]
+TEST = ["pytest", "pytest-xdist", "hypothesis", *MM]  # CI (".[test]") runs the detection/segmentation tests too
 
 setup(
     name="attnzoo",
@@ -19,6 +21,6 @@ setup(
         "scikit-learn",  # ships the digits set that train/validate use by default
         "matplotlib",  # training curves
     ],
-    extras_require={"mm": MM, "test": TEST, "all": MM + TEST},
+    extras_require={"mm": MM, "test": TEST, "all": TEST},
     license="MIT",
 )

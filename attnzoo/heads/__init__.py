@@ -1,4 +1,11 @@
-"""Task heads. Classification uses timm's ``ClassifierHead``, which every attnzoo model carries."""
+"""Task heads and the dense-prediction backbone.
+
+Classification uses timm's ``ClassifierHead``, which every attnzoo model carries. Detection and
+segmentation heads come from mmdet / mmseg: ``import attnzoo.heads.mm`` registers ``AttnZooBackbone``
+in their ``MODELS`` registries.
+"""
 from timm.layers import ClassifierHead
 
-__all__ = ["ClassifierHead"]
+from .backbone import AttnZooBackbone, feature_channels, stage_info
+
+__all__ = ["ClassifierHead", "AttnZooBackbone", "feature_channels", "stage_info"]

@@ -1,0 +1,13 @@
+_base_ = ['_base_/models/fcos_fpn.py', 'mmdet::_base_/datasets/coco_detection.py',
+          'mmdet::_base_/schedules/schedule_1x.py', 'mmdet::_base_/default_runtime.py']
+from attnzoo.heads import feature_channels  # noqa: E402  (in_channels from the model's feature_info)
+
+# ImageNet weights converted by tools/convert_checkpoint.py; train from scratch with
+# --cfg-options model.backbone.checkpoint=None
+model = dict(
+    backbone=dict(model_name='cbam_resnet50', frozen_stages=1, norm_eval=True,
+                  checkpoint='checkpoints/cbam_resnet50.safetensors'),
+    neck=dict(in_channels=feature_channels('cbam_resnet50')))
+# mmdet's FCOS recipe: doubled bias lr, no bias decay, gradient clipping
+optim_wrapper = dict(optimizer=dict(lr=0.01), clip_grad=dict(max_norm=35, norm_type=2),
+                     paramwise_cfg=dict(bias_lr_mult=2.0, bias_decay_mult=0.0))

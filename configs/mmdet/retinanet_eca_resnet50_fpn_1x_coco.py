@@ -1,0 +1,11 @@
+_base_ = ['_base_/models/retinanet_fpn.py', 'mmdet::_base_/datasets/coco_detection.py',
+          'mmdet::_base_/schedules/schedule_1x.py', 'mmdet::_base_/default_runtime.py']
+from attnzoo.heads import feature_channels  # noqa: E402  (in_channels from the model's feature_info)
+
+# ImageNet weights converted by tools/convert_checkpoint.py; train from scratch with
+# --cfg-options model.backbone.checkpoint=None
+model = dict(
+    backbone=dict(model_name='eca_resnet50', frozen_stages=1, norm_eval=True,
+                  checkpoint='checkpoints/eca_resnet50.safetensors'),
+    neck=dict(in_channels=feature_channels('eca_resnet50')))
+optim_wrapper = dict(optimizer=dict(lr=0.01))

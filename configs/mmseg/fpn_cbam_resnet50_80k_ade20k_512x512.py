@@ -1,0 +1,10 @@
+_base_ = ['_base_/models/fpn.py', 'mmseg::_base_/datasets/ade20k.py',
+          'mmseg::_base_/schedules/schedule_80k.py', 'mmseg::_base_/default_runtime.py']
+from attnzoo.heads import feature_channels  # noqa: E402  (in_channels from the model's feature_info)
+
+# ImageNet weights converted by tools/convert_checkpoint.py; train from scratch with
+# --cfg-options model.backbone.checkpoint=None
+model = dict(
+    backbone=dict(model_name='cbam_resnet50', checkpoint='checkpoints/cbam_resnet50.safetensors'),
+    neck=dict(in_channels=feature_channels('cbam_resnet50')),
+    decode_head=dict(num_classes=150))

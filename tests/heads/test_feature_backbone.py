@@ -1,0 +1,147 @@
+"""AttnZooBackbone: stage channels, frozen stages, norm_eval, checkpoints, model kwargs (no OpenMMLab needed)."""
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+import attnzoo
+from attnzoo.heads import AttnZooBackbone, feature_channels, stage_info
+
+TINY = attnzoo.list_models("test_*")  # one or more per family; new families join automatically
+
+
+def _perturbed_state(name):
+    model = timm.create_model(name)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            if v.is_floating_point():
+                v.copy_(torch.rand(v.shape, generator=g) + 0.5 if k.endswith("running_var")
+                        else v + 0.05 * torch.randn(v.shape, generator=g))
+    return model
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_out_channels_and_strides_follow_feature_info(name):
+    stages = stage_info(name)
+    assert [s["reduction"] for s in stages] == [4, 8, 16, 32]
+    backbone = AttnZooBackbone(name, out_indices=(1, 2, 3)).eval()
+    feats = backbone(torch.randn(2, 3, 96, 80))
+    assert backbone.out_channels == [f.shape[1] for f in feats] == feature_channels(name, (1, 2, 3))
+    assert backbone.strides == [8, 16, 32]
+    assert [tuple(f.shape[-2:]) for f in feats] == [(-(-96 // s), -(-80 // s)) for s in (8, 16, 32)]
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_frozen_stages_stay_frozen_and_in_eval_through_train(name):
+    free = AttnZooBackbone(name, frozen_stages=-1)
+    assert all(p.requires_grad for p in free.parameters())
+    counts = []
+    for k in range(0, 5):
+        backbone = AttnZooBackbone(name, frozen_stages=k)
+        backbone.train()
+        frozen = [n for n, p in backbone.body.named_parameters() if not p.requires_grad]
+        counts.append(len(frozen))
+        assert backbone.frozen_modules, f"{name}: frozen_stages={k} froze no module"
+        assert all(not m.training for m in backbone.frozen_modules)
+        assert backbone.training
+        # the trainable rest is still in training mode and gets gradients; the frozen part gets none
+        out = backbone(torch.randn(2, 3, 64, 64))[-1]
+        if k < 4:
+            out.sum().backward()
+        else:  # everything frozen
+            assert not out.requires_grad
+        for n, p in backbone.body.named_parameters():
+            assert (p.grad is None) == (not p.requires_grad), n
+        trainable = [m for m in backbone.modules() if m not in backbone.frozen_modules
+                     and any(True for _ in m.parameters(recurse=False))]
+        assert all(m.training for m in trainable)
+    total = sum(1 for _ in AttnZooBackbone(name).parameters())
+    assert counts == sorted(set(counts)) and counts[-1] == total, counts  # each stage adds parameters
+
+
+def test_frozen_stem_matches_mmdet_resnet_convention():
+    # mmdet ResNet: frozen_stages=1 freezes conv1/bn1 and layer1, nothing of layer2
+    backbone = AttnZooBackbone("test_cbam_resnet", frozen_stages=1)
+    frozen = {n.split(".")[0] for n, p in backbone.body.named_parameters() if not p.requires_grad}
+    assert frozen == {"conv1", "bn1", "layer1"}
+
+
+def test_frozen_stages_survive_syncbn_conversion():
+    backbone = torch.nn.SyncBatchNorm.convert_sync_batchnorm(AttnZooBackbone("test_cbam_resnet", frozen_stages=2))
+    backbone.train()
+    syncbns = [m for m in backbone.frozen_modules if isinstance(m, torch.nn.SyncBatchNorm)]
+    assert syncbns and all(not m.training and not m.weight.requires_grad for m in syncbns)
+
+
+@pytest.mark.parametrize("name", ["test_cbam_resnet", "test_attn_halonet"])
+def test_norm_eval_keeps_batchnorm_statistics(name):
+    backbone = AttnZooBackbone(name, norm_eval=True).train()
+    bns = [m for m in backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and all(not m.training for m in bns)
+    before = [m.running_mean.clone() for m in bns]
+    backbone(torch.randn(2, 3, 64, 64))
+    assert all(torch.equal(b, m.running_mean) for b, m in zip(before, bns))
+    assert all(m.training for m in AttnZooBackbone(name).train().modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def _reference_features(model, x):
+    stages = [s["index"] for s in stage_info(model.pretrained_cfg["architecture"])]
+    return model.eval().forward_intermediates(x, indices=stages, intermediates_only=True)
+
+
+def test_checkpoint_in_attnzoo_layout_loads(tmp_path):
+    model = _perturbed_state("test_nat")
+    path = tmp_path / "test_nat.safetensors"
+    save_file(model.state_dict(), str(path))
+    backbone = AttnZooBackbone("test_nat", checkpoint=str(path)).eval()
+    x = torch.randn(1, 3, 64, 96)
+    for got, want in zip(backbone(x), _reference_features(model, x)):
+        torch.testing.assert_close(got, want)
+
+
+def test_checkpoint_in_official_layout_converts(tmp_path):
+    # the official CBAM layout, DataParallel prefix and {'state_dict': ...} wrapper, as a weights-only .pth
+    model = _perturbed_state("test_cbam_resnet")
+    to_official = [(".se.channel.fc1.", ".cbam.ChannelGate.mlp.1."), (".se.channel.fc2.", ".cbam.ChannelGate.mlp.3."),
+                   (".se.spatial.", ".cbam.SpatialGate.spatial.")]
+    official = {}
+    for k, v in model.state_dict().items():
+        for a, b in to_official:
+            k = k.replace(a, b)
+        official["module." + k] = v
+    assert any(".cbam." in k for k in official)
+    path = tmp_path / "official.pth"
+    torch.save({"state_dict": official, "epoch": 90}, path)
+    backbone = AttnZooBackbone("test_cbam_resnet", checkpoint=str(path)).eval()
+    x = torch.randn(1, 3, 64, 64)
+    for got, want in zip(backbone(x), _reference_features(model, x)):
+        torch.testing.assert_close(got, want)
+
+
+def test_checkpoint_refuses_pickled_objects(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"state_dict": {}, "obj": _Opaque()}, path)
+    with pytest.raises(ValueError, match="weights-only"):
+        AttnZooBackbone("test_cbam_resnet", checkpoint=str(path))
+
+
+class _Opaque:
+    pass
+
+
+def test_drop_path_rate_and_model_kwargs_reach_the_model():
+    backbone = AttnZooBackbone("test_nat", drop_path_rate=0.3, kernel_size=5)
+    rates = [m.drop_prob for m in backbone.modules() if type(m).__name__ == "DropPath"]
+    assert rates and max(rates) == pytest.approx(0.3)
+    kernels = {m.kernel_size for m in backbone.modules() if type(m).__name__ == "NeighborhoodAttention2d"}
+    assert kernels == {(5, 5)}
+
+
+def test_bad_arguments_name_the_model():
+    with pytest.raises(ValueError, match="out_indices.*test_nat"):
+        AttnZooBackbone("test_nat", out_indices=(2, 1))
+    with pytest.raises(ValueError, match="out_indices.*test_nat"):
+        AttnZooBackbone("test_nat", out_indices=(0, 4))
+    with pytest.raises(ValueError, match="frozen_stages.*test_nat"):
+        AttnZooBackbone("test_nat", frozen_stages=5)
