@@ -48,12 +48,12 @@ TOL = {F64: 1e-12, F32: 1e-5, F16: 5e-3, BF16: 3e-2}
 
 # (B, H, W, heads, D, num_regions, topk, dtype)
 CASES = [
-    (1, 9, 12, 2, 8, 7, 16, F32),  # padded, whole regions of padding, 2x2 regions
+    (1, 9, 11, 1, 8, 4, 6, F32),  # padded: a whole row of regions is padding
     (2, 13, 11, 1, 4, (3, 4), 3, F64),  # non-square grid, D=4 padded to 16
     (1, 5, 6, 1, 16, 2, 1, F32),  # topk 1
     (1, 20, 20, 1, 16, 2, 2, BF16),  # 100-token regions: two query tiles, two key chunks
     (1, 12, 10, 2, 24, 3, -1, F32),  # dense (every region), D=24
-    (2, 14, 14, 2, 8, 7, 4, F16),  # divisible, as BiFormer stage 2
+    (1, 8, 12, 2, 8, (2, 3), 4, F16),  # divisible, 16-token regions
     (1, 7, 9, 1, 8, 3, 9, F64),  # topk == nR, padded
 ]
 
