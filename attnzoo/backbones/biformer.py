@@ -38,7 +38,8 @@ __all__ = ["BiFormer"]
 
 class AttentionLePE(nn.Module):
     """Global multi-head attention plus a depthwise conv of the *input* (official ``AttentionLePE``,
-    the ``topk=-2`` stage): ``proj(attn(x) + lepe(x))``; no qkv bias, ``head_dim ** -0.5`` scale."""
+    the ``topk=-2`` stage): ``proj(attn(x) + lepe(x))``; no qkv bias, ``head_dim ** -0.5`` scale.
+    ``side_dwconv=0``: no LePE (official ``Attention``, the ``topk=-1`` stage)."""
 
     def __init__(self, dim: int, num_heads: int = 8, side_dwconv: int = 5):
         super().__init__()
@@ -47,13 +48,15 @@ class AttentionLePE(nn.Module):
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=False)
         self.proj = nn.Linear(dim, dim)
-        self.lepe = nn.Conv2d(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim)
+        self.lepe = nn.Conv2d(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim) if side_dwconv else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
         q, k, v = self.qkv(x).reshape(B, H * W, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, H, W, C)
-        return self.proj(out + self.lepe(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+        if self.lepe is not None:
+            out = out + self.lepe(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return self.proj(out)
 
 
 class BiFormerBlock(nn.Module):
@@ -73,12 +76,13 @@ class BiFormerBlock(nn.Module):
         super().__init__()
         self.pos_embed = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        if topk > 0 or topk == -1:
+        # the official meanings: > 0 routing, -1 plain attention, -2 attention with LePE
+        if topk > 0:
             self.attn = BiLevelRoutingAttention(dim, num_heads, n_win, topk, side_dwconv=side_dwconv)
-        elif topk == -2:
-            self.attn = AttentionLePE(dim, dense_heads, side_dwconv)
+        elif topk in (-1, -2):
+            self.attn = AttentionLePE(dim, dense_heads, side_dwconv if topk == -2 else 0)
         else:
-            raise ValueError(f"BiFormerBlock: topk must be > 0, -1 (dense routing) or -2 (AttentionLePE), got {topk}")
+            raise ValueError(f"BiFormerBlock: topk must be > 0, -1 (attention) or -2 (attention + LePE), got {topk}")
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         hidden = int(mlp_ratio * dim)
         # official layout (keys mlp.0 / mlp.3): Linear, Identity (its unused DWConv slot), GELU, Linear
@@ -123,7 +127,7 @@ class BiFormer(ClassifierHeadMixin, nn.Module):
         depths, embed_dims: blocks and channels per stage.
         head_dim: channels per head of the routing stages (heads = ``dim // head_dim``).
         n_win: regions per side of every routing stage.
-        topks: per stage, regions per region; -1 dense routing, -2 plain attention with LePE.
+        topks: per stage, regions per region (>= n_win**2: all); -1 plain attention, -2 attention + LePE.
         mlp_ratio: MLP hidden / dim.
         side_dwconv: LePE kernel size.
         dense_heads: heads of the ``topk=-2`` attention (the official ``AttentionLePE`` default, 8).
@@ -298,7 +302,7 @@ def biformer_base(pretrained=False, **kwargs) -> BiFormer:
 
 @register_model
 def test_biformer(pretrained=False, **kwargs) -> BiFormer:
-    """Tiny BiFormer for tests: 16-channel heads, a 3x3 region grid, every attention kind."""
-    model_args = dict(depths=(1, 1, 2, 1), embed_dims=(16, 32, 32, 64), head_dim=16, n_win=3, topks=(1, 4, -1, -2),
+    """Tiny BiFormer for tests: 16-channel heads, a 3x3 region grid, routing to 1, 4 and all 9 regions."""
+    model_args = dict(depths=(1, 1, 2, 1), embed_dims=(16, 32, 32, 64), head_dim=16, n_win=3, topks=(1, 4, 9, -2),
                       dense_heads=4)
     return _create_biformer("test_biformer", pretrained, **dict(model_args, **kwargs))
