@@ -131,11 +131,13 @@ def test_cpu_non_contiguous_inputs_and_nan_buffers(monkeypatch):
 
 
 def test_cpu_chunks_bound_gathered_kv():
-    """The gathered K/V alive at once is at most 1/topk of the official topk copies."""
-    for total, topk in [(98, 4), (98, 1), (8, 16), (3, 2)]:
-        c = cpu._chunk(total, topk)
+    """The gathered K/V alive at once is at most 1/topk of the official topk copies, or under
+    the small fixed budget; BiFormer's stage 2 at 224 px (B=2, 8x8 regions, C=128) is the former."""
+    for total, topk, region in [(98, 4, 64 * 128), (98, 1, 64 * 128), (8, 16, 4), (3, 2, 8), (2000, 4, 64 * 128)]:
+        c = cpu._chunk(total, topk, region)
         assert 1 <= c <= total
-        assert c * topk <= max(topk, total / topk)
+        assert c * topk <= max(total / topk, cpu._CHUNK_ELEMS / region, 1)
+    assert cpu._chunk(98, 4, 64 * 128) * 4 * 64 * 128 <= 98 * 4 * 64 * 128 / 4
 
 
 # --------------------------------------------------------------------------- gradcheck

@@ -11,16 +11,17 @@ K/V) and reduces it. Here a custom autograd Function:
 - backward: re-gathers each chunk's K/V, calls the fused flash backward, and
   ``index_add_``s dK/dV back onto the map tokens.
 
-Chunks hold ``~nR*B / topk^2`` query regions, so the gathered K/V alive at any time is
-at most ``1/topk`` of the official ``topk`` copies. Dense routing (every region
-selected, ``topk >= nR``) is plain attention over the unpadded map.
+Chunks hold ``~nR*B / topk^2`` query regions (more on small maps, see ``_chunk``), so the
+gathered K/V alive at any time is at most ``1/topk`` of the official ``topk`` copies. Query
+regions that are all padding are skipped. When ``topk`` covers every region that has a
+real token, the op is plain attention over the unpadded map (one fused call).
 """
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from .reference import token_index
+from .reference import geometry, token_index
 
 Tensor = torch.Tensor
 
@@ -28,28 +29,39 @@ _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
 _flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
 
 
-def _chunk(total: int, topk: int) -> int:
-    return max(1, total // (topk * topk))
+_CHUNK_ELEMS = 2 ** 18  # gathered K (or V) elements per chunk that are always fine to hold
+
+
+def _chunk(total: int, topk: int, region_elems: int = 1) -> int:
+    """Query regions per chunk: ``1/topk^2`` of them (so the gathered K/V alive at once is at most
+    ``1/topk`` of the official ``topk`` copies), or more while a chunk stays under ``_CHUNK_ELEMS``
+    (small maps: fewer, larger calls)."""
+    return min(total, max(1, total // (topk * topk), _CHUNK_ELEMS // max(1, topk * region_elems)))
 
 
 def _plan(B: int, H: int, W: int, idx: Tensor, num_regions: Tuple[int, int]):
-    """Token index of every query region ``[B*nR, n]``, of every chunk key ``[B*nR, topk*n]``,
-    the key validity (None when nothing is padded) and each map token's region-major slot."""
+    """Token index of every query region ``[R, n]``, of every chunk key ``[R, topk*n]``,
+    the key validity (None when nothing is padded) and each map token's region-major slot.
+    Query regions that are all padding are dropped (``R <= B * nR``)."""
     tok, valid = token_index(B, H, W, num_regions, idx.device)  # [B, nR, n], [nR, n]
     nR, n = valid.shape
     topk = idx.shape[-1]
-    flat_idx = idx + (torch.arange(B, device=idx.device) * nR)[:, None, None]  # [B, nR, topk]
-    q_tok = tok.reshape(B * nR, n)
-    k_tok = q_tok[flat_idx.reshape(B * nR, topk)].reshape(B * nR, topk * n)
+    keep = valid.any(-1).expand(B, nR).reshape(-1)  # query regions with a real token
+    flat_idx = (idx + (torch.arange(B, device=idx.device) * nR)[:, None, None]).reshape(B * nR, topk)[keep]
+    all_tok = tok.reshape(B * nR, n)
+    q_tok = all_tok[keep]
+    R = q_tok.shape[0]
+    k_tok = all_tok[flat_idx].reshape(R, topk * n)
     padded = not bool(valid.all())
-    k_valid = None
+    k_valid = q_valid = None
+    vmask = valid.expand(B, nR, n).reshape(B * nR, n)
     if padded:
-        k_valid = valid.expand(B, nR, n).reshape(B * nR, n)[flat_idx.reshape(B * nR, topk)].reshape(B * nR, topk * n)
+        k_valid = vmask[flat_idx].reshape(R, topk * n)
+        q_valid = vmask[keep]
     # region-major slot of each map token (the inverse of q_tok on the valid tokens)
     slot = torch.empty(B * H * W, dtype=torch.long, device=idx.device)
-    vmask = valid.expand(B, nR, n).reshape(-1)
-    slot[q_tok.reshape(-1)[vmask]] = torch.arange(B * nR * n, device=idx.device)[vmask]
-    q_valid = vmask.view(B * nR, n) if padded else None
+    qv = vmask[keep].reshape(-1)
+    slot[q_tok.reshape(-1)[qv]] = torch.arange(R * n, device=idx.device)[qv]
     return q_tok, k_tok, k_valid, q_valid, slot
 
 
@@ -70,7 +82,7 @@ class _BraFunction(torch.autograd.Function):
         q_rm = qm[q_tok.reshape(-1)].view(R, n, heads, D).transpose(1, 2)  # [R, heads, n, D]
         out_rm = q.new_empty(R, heads, n, D)
         lse = q.new_empty(R, heads, n, dtype=torch.float32 if q.dtype in (torch.half, torch.bfloat16) else q.dtype)
-        c = _chunk(R, idx.shape[-1])
+        c = _chunk(R, idx.shape[-1], n * heads * D)
         for s in range(0, R, c):
             rows = slice(s, min(s + c, R))
             keys = k_tok[rows].reshape(-1)
@@ -98,7 +110,7 @@ class _BraFunction(torch.autograd.Function):
         dq_rm = torch.empty_like(q_rm)
         dk = torch.zeros(B * H * W, heads, D, dtype=k.dtype, device=k.device)
         dv = torch.zeros_like(dk)
-        c = _chunk(R, ctx.topk)
+        c = _chunk(R, ctx.topk, n * heads * D)
         for s in range(0, R, c):
             rows = slice(s, min(s + c, R))
             keys = k_tok[rows].reshape(-1)
@@ -115,7 +127,10 @@ class _BraFunction(torch.autograd.Function):
 
 def bra(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, num_regions: Tuple[int, int], scale: float) -> Tensor:
     B, H, W, heads, D = q.shape
-    if idx.shape[-1] >= num_regions[0] * num_regions[1]:  # dense: every valid token, order is irrelevant
+    h, w = geometry(H, W, num_regions)
+    if idx.shape[-1] >= -(-H // h) * -(-W // w):
+        # every region with a real token is selected (they outrank all-padding ones): dense
+        # attention over the unpadded map, whose key order does not matter
         out = F.scaled_dot_product_attention(*(t.reshape(B, H * W, heads, D).transpose(1, 2) for t in (q, k, v)),
                                              scale=scale)
         return out.transpose(1, 2).reshape(B, H, W, heads, D)
