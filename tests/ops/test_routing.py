@@ -186,3 +186,26 @@ def test_validation(bad, match):
     args.update(bad)
     with pytest.raises(ValueError, match=match):
         routing.bra(**args)
+
+
+def test_cpu_saves_no_topk_copies():
+    """What autograd keeps between forward and backward (inputs aside): the cpu backend saves
+    q re-laid out, the output and the LSE (~3x q); the official gather form keeps topk copies of K/V."""
+    q, k, v = _inputs((2, 16, 16, 2, 16), torch.float32, seed=5)
+    inputs = {t.data_ptr() for t in (q, k, v)}
+
+    def saved_bytes(backend):
+        total = [0]
+
+        def pack(t):
+            if t.data_ptr() not in inputs and t.is_floating_point():
+                total[0] += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            routing.bra(q, k, v, 4, 8, backend=backend)
+        return total[0]
+
+    qb = q.numel() * q.element_size()
+    assert saved_bytes("cpu") <= 3.5 * qb
+    assert saved_bytes("reference") >= 2 * 8 * qb  # K and V, topk = 8 copies each
