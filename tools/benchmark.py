@@ -391,9 +391,26 @@ def _official_gather_bra(q, k, v, S, topk, scale):
     return out.transpose(1, 2).reshape(B, S, S, h, w, heads, D).permute(0, 1, 3, 2, 4, 5, 6).reshape(B, H, W, heads, D)
 
 
+def _dense_masked_bra(q, k, v, S, topk, scale):
+    """The routing as a token-level boolean mask over dense SDPA (for the benchmark only)."""
+    from attnzoo.ops.routing import reference
+
+    B, H, W, heads, D = q.shape
+    idx = reference.route(q, k, (S, S), topk)  # [B, nR, topk]
+    sel = torch.zeros(B, S * S, S * S, dtype=torch.bool, device=q.device).scatter_(2, idx, True)
+    rows = torch.arange(H, device=q.device) // (H // S)
+    cols = torch.arange(W, device=q.device) // (W // S)
+    region = (rows[:, None] * S + cols[None, :]).reshape(-1)  # region of each token
+    mask = sel[:, region[:, None], region[None, :]]  # [B, HW, HW]
+    qh, kh, vh = (t.reshape(B, H * W, heads, D).transpose(1, 2) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask[:, None], scale=scale)
+    return out.transpose(1, 2).reshape(B, H, W, heads, D)
+
+
 def _routing_cases(batch, device, dtype):
     """BiFormer's second stage shape: B=2 (default), 4 heads, 56x56, S=7 (8x8 regions), topk=4,
-    D=32, against the official expand + gather formulation; peak memory of forward+backward."""
+    D=32, against the official expand + gather formulation and dense SDPA under the routing
+    mask; peak memory of forward+backward."""
     from attnzoo.ops.routing import bra
 
     heads, n, D, S, topk = 4, 56, 32, 7, 4
@@ -402,7 +419,8 @@ def _routing_cases(batch, device, dtype):
     yield OpCase("bra", f"{batch}x{n}x{n}x{heads}x{D} S{S} topk{topk}", [q, k, v],
                  lambda i, b: bra(i[0], i[1], i[2], S, topk, backend=b),
                  flops=4 * batch * heads * n * n * topk * (n // S) ** 2 * D,
-                 baselines={"official expand+gather": lambda i: _official_gather_bra(*i, S, topk, scale)},
+                 baselines={"official expand+gather": lambda i: _official_gather_bra(*i, S, topk, scale),
+                            "dense SDPA + mask": lambda i: _dense_masked_bra(*i, S, topk, scale)},
                  memory=True)
 
 
