@@ -133,7 +133,8 @@ class BiFormer(ClassifierHeadMixin, nn.Module):
         dense_heads: heads of the ``topk=-2`` attention (the official ``AttentionLePE`` default, 8).
         num_classes, in_chans, global_pool: as timm.
         drop_rate: dropout before the classifier.
-        drop_path_rate: stochastic depth, linear over all blocks.
+        drop_path_rate: stochastic depth, linear over all blocks (0.1: the official
+            ``configs/train_args.yaml`` default; the model code's own default is 0).
     """
 
     def __init__(
