@@ -6,6 +6,7 @@
     python tools/benchmark.py --models eca_resnet50 --peer eca_resnet50=resnet50d --device cuda
     python tools/benchmark.py --ops gate --batch-size 8         # each op backend against its reference
     python tools/benchmark.py --ops neighborhood --batch-size 2 --threads 1
+    python tools/benchmark.py --ops routing --batch-size 2 --threads 1
 
 Each model and its peer are timed in the same process with their steps interleaved
 (ours, peer, peer, ours, ...) so that drift and neighbours on a noisy machine hit
@@ -51,6 +52,8 @@ PEERS = {
     "haloattn_h1": "halonet_h1",
     "test_cbam_resnet": "test_resnet",
     "test_eca_resnet": "test_resnet",
+    # BiFormer: Swin-T, the nearest FLOPs peer (the BiFormer paper's comparison)
+    **{f"biformer_{size}": "swin_tiny_patch4_window7_224" for size in ("tiny", "small", "base")},
 }
 
 COLUMNS = ["model", "params_m", "gmacs", "infer_img_s", "train_img_s", "train_mem_mb",
@@ -265,6 +268,7 @@ class OpCase:
     run: object
     flops: float = 0.0
     baselines: dict = dataclasses.field(default_factory=dict)
+    memory: bool = False  # also measure each method's forward+backward peak allocation
 
 
 def _gate_cases(batch, device, dtype):
@@ -364,9 +368,66 @@ def _halo_cases(batch, device, dtype):
                  flops=4 * batch * n * n * 14 * 14 * dim, baselines={"timm HaloAttn": lambda ins: timm_layer(ins[0])})
 
 
-OP_BENCHES = {"gate": _gate_cases, "neighborhood": _neighborhood_cases, "halo": _halo_cases}
+def _official_gather_bra(q, k, v, S, topk, scale):
+    """BiFormer's ``ops/bra_legacy.py`` data flow (for the benchmark only): region layout, routing
+    by region means, K/V concatenated, ``expand`` to ``[B, S^2, S^2, n, 2C]`` and ``gather`` of
+    ``topk`` copies, then matmul / softmax / matmul. Maps divisible by ``S``."""
+    B, H, W, heads, D = q.shape
+    C, h, w = heads * D, H // S, W // S
+
+    def regions(x):  # [B, H, W, heads, D] -> [B, S*S, h*w, C]
+        return x.reshape(B, S, h, S, w, C).permute(0, 1, 3, 2, 4, 5).reshape(B, S * S, h * w, C)
+
+    qr, kv = regions(q), torch.cat([regions(k), regions(v)], -1)
+    with torch.no_grad():
+        r_idx = torch.topk((qr.mean(2) * scale) @ kv[..., :C].mean(2).transpose(-1, -2), topk, dim=-1).indices
+    p2, n = S * S, h * w
+    sel = torch.gather(kv.view(B, 1, p2, n, 2 * C).expand(-1, p2, -1, -1, -1), 2,
+                       r_idx.view(B, p2, topk, 1, 1).expand(-1, -1, -1, n, 2 * C))
+    k_sel = sel[..., :C].reshape(B * p2, topk * n, heads, D).permute(0, 2, 3, 1)
+    v_sel = sel[..., C:].reshape(B * p2, topk * n, heads, D).transpose(1, 2)
+    qh = qr.reshape(B * p2, n, heads, D).transpose(1, 2)
+    out = torch.softmax((qh * scale) @ k_sel, -1) @ v_sel
+    return out.transpose(1, 2).reshape(B, S, S, h, w, heads, D).permute(0, 1, 3, 2, 4, 5, 6).reshape(B, H, W, heads, D)
+
+
+def _dense_masked_bra(q, k, v, S, topk, scale):
+    """The routing as a token-level boolean mask over dense SDPA (for the benchmark only)."""
+    from attnzoo.ops.routing import reference
+
+    B, H, W, heads, D = q.shape
+    idx = reference.route(q, k, (S, S), topk)  # [B, nR, topk]
+    sel = torch.zeros(B, S * S, S * S, dtype=torch.bool, device=q.device).scatter_(2, idx, True)
+    rows = torch.arange(H, device=q.device) // (H // S)
+    cols = torch.arange(W, device=q.device) // (W // S)
+    region = (rows[:, None] * S + cols[None, :]).reshape(-1)  # region of each token
+    mask = sel[:, region[:, None], region[None, :]]  # [B, HW, HW]
+    qh, kh, vh = (t.reshape(B, H * W, heads, D).transpose(1, 2) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask[:, None], scale=scale)
+    return out.transpose(1, 2).reshape(B, H, W, heads, D)
+
+
+def _routing_cases(batch, device, dtype):
+    """BiFormer's second stage shape: B=2 (default), 4 heads, 56x56, S=7 (8x8 regions), topk=4,
+    D=32, against the official expand + gather formulation and dense SDPA under the routing
+    mask; peak memory of forward+backward."""
+    from attnzoo.ops.routing import bra
+
+    heads, n, D, S, topk = 4, 56, 32, 7, 4
+    q, k, v = (torch.randn(batch, n, n, heads, D, device=device, dtype=dtype) for _ in range(3))
+    scale = (heads * D) ** -0.5
+    yield OpCase("bra", f"{batch}x{n}x{n}x{heads}x{D} S{S} topk{topk}", [q, k, v],
+                 lambda i, b: bra(i[0], i[1], i[2], S, topk, backend=b),
+                 flops=4 * batch * heads * n * n * topk * (n // S) ** 2 * D,
+                 baselines={"official expand+gather": lambda i: _official_gather_bra(*i, S, topk, scale),
+                            "dense SDPA + mask": lambda i: _dense_masked_bra(*i, S, topk, scale)},
+                 memory=True)
+
+
+OP_BENCHES = {"gate": _gate_cases, "neighborhood": _neighborhood_cases, "halo": _halo_cases,
+              "routing": _routing_cases}
 OP_COLUMNS = ["op", "shape", "method", "fwd_ms", "fwd_bwd_ms", "fwd_speedup", "fwd_bwd_speedup",
-              "fwd_gflops", "of_matmul_peak", "max_rel_err"]
+              "fwd_gflops", "of_matmul_peak", "max_rel_err", "fwd_bwd_peak_mb"]
 
 
 def _fwd_bwd(fn, inputs):
@@ -423,16 +484,33 @@ def bench_ops(args):
                         fwd[m].append(tf)
                         both[m].append(tb)
             rf, rb = statistics.median(fwd["reference"]), statistics.median(both["reference"])
+            peak_mb = {m: float("nan") for m in methods}
+            if case.memory:
+                for m in methods:
+                    peak_mb[m] = _op_peak_bytes(lambda m=m: _fwd_bwd(methods[m], case.inputs), device) / 2 ** 20
             for m in methods:
                 tf, tb = statistics.median(fwd[m]), statistics.median(both[m])
                 ok = errs[m] < 1e-4
                 gfl = case.flops / tf / 1e9 if case.flops else float("nan")
                 rows.append(dict(op=case.op, shape=case.shape, method=m, fwd_ms=tf * 1e3, fwd_bwd_ms=tb * 1e3,
                                  fwd_speedup=rf / tf if ok else "wrong", fwd_bwd_speedup=rb / tb if ok else "wrong",
-                                 fwd_gflops=gfl, of_matmul_peak=gfl / peak, max_rel_err=errs[m]))
+                                 fwd_gflops=gfl, of_matmul_peak=gfl / peak, max_rel_err=errs[m],
+                                 fwd_bwd_peak_mb=peak_mb[m]))
             print(f"  {case.op} {case.shape}: " + ", ".join(
                 f"{m} {statistics.median(both[m]) * 1e3:.1f} ms" for m in methods), flush=True)
     return rows
+
+
+def _op_peak_bytes(fn, device):
+    """Peak bytes allocated by ``fn`` above the level at its start (inputs excluded)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - start
+    return cpu_alloc_peak(fn)
 
 
 def _sync(device):

@@ -1,0 +1,137 @@
+"""CPU bi-level routing attention without the ``topk`` copies of K and V.
+
+The official code expands K/V to ``[B, nR, nR, n, C]`` and gathers ``topk`` copies;
+its backward then materialises a zero gradient of the *expanded* shape (``nR`` times
+K/V) and reduces it. Here a custom autograd Function:
+
+- forward: for a chunk of query regions, ``index_select`` their selected regions'
+  tokens straight from the ``[B*H*W, heads, D]`` map (padding points at a dummy token
+  and is masked, so the map is never padded or copied), then one fused CPU flash
+  attention call that also returns the log-sum-exp; only ``out`` and the LSE are saved.
+- backward: re-gathers each chunk's K/V, calls the fused flash backward, and
+  ``index_add_``s dK/dV back onto the map tokens.
+
+Chunks hold ``~nR*B / topk^2`` query regions (more on small maps, see ``_chunk``), so the
+gathered K/V alive at any time is at most ``1/topk`` of the official ``topk`` copies. Query
+regions that are all padding are skipped. When ``topk`` covers every region that has a
+real token, the op is plain attention over the unpadded map (one fused call).
+"""
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .reference import geometry, token_index
+
+Tensor = torch.Tensor
+
+_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+_flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+
+
+_CHUNK_ELEMS = 2 ** 18  # gathered K (or V) elements per chunk that are always fine to hold
+
+
+def _chunk(total: int, topk: int, region_elems: int = 1) -> int:
+    """Query regions per chunk: ``1/topk^2`` of them (so the gathered K/V alive at once is at most
+    ``1/topk`` of the official ``topk`` copies), or more while a chunk stays under ``_CHUNK_ELEMS``
+    (small maps: fewer, larger calls)."""
+    return min(total, max(1, total // (topk * topk), _CHUNK_ELEMS // max(1, topk * region_elems)))
+
+
+def _plan(B: int, H: int, W: int, idx: Tensor, num_regions: Tuple[int, int]):
+    """Token index of every query region ``[R, n]``, of every chunk key ``[R, topk*n]``,
+    the key validity (None when nothing is padded) and each map token's region-major slot.
+    Query regions that are all padding are dropped (``R <= B * nR``)."""
+    tok, valid = token_index(B, H, W, num_regions, idx.device)  # [B, nR, n], [nR, n]
+    nR, n = valid.shape
+    topk = idx.shape[-1]
+    keep = valid.any(-1).expand(B, nR).reshape(-1)  # query regions with a real token
+    flat_idx = (idx + (torch.arange(B, device=idx.device) * nR)[:, None, None]).reshape(B * nR, topk)[keep]
+    all_tok = tok.reshape(B * nR, n)
+    q_tok = all_tok[keep]
+    R = q_tok.shape[0]
+    k_tok = all_tok[flat_idx].reshape(R, topk * n)
+    padded = not bool(valid.all())
+    k_valid = q_valid = None
+    vmask = valid.expand(B, nR, n).reshape(B * nR, n)
+    if padded:
+        k_valid = vmask[flat_idx].reshape(R, topk * n)
+        q_valid = vmask[keep]
+    # region-major slot of each map token (the inverse of q_tok on the valid tokens)
+    slot = torch.empty(B * H * W, dtype=torch.long, device=idx.device)
+    qv = vmask[keep].reshape(-1)
+    slot[q_tok.reshape(-1)[qv]] = torch.arange(R * n, device=idx.device)[qv]
+    return q_tok, k_tok, k_valid, q_valid, slot
+
+
+def _mask(k_valid: Optional[Tensor], rows: slice, dtype) -> Optional[Tensor]:
+    if k_valid is None:
+        return None
+    m = torch.zeros(k_valid[rows].shape, dtype=dtype, device=k_valid.device)
+    return m.masked_fill_(~k_valid[rows], float("-inf"))[:, None, None, :]  # [c, 1, 1, keys]
+
+
+class _BraFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, idx: Tensor, num_regions: Tuple[int, int], scale: float):
+        B, H, W, heads, D = q.shape
+        q_tok, k_tok, k_valid, q_valid, slot = _plan(B, H, W, idx, num_regions)
+        R, n = q_tok.shape
+        qm, km, vm = (t.reshape(B * H * W, heads, D) for t in (q, k, v))
+        q_rm = qm[q_tok.reshape(-1)].view(R, n, heads, D).transpose(1, 2)  # [R, heads, n, D]
+        out_rm = q.new_empty(R, heads, n, D)
+        lse = q.new_empty(R, heads, n, dtype=torch.float32 if q.dtype in (torch.half, torch.bfloat16) else q.dtype)
+        c = _chunk(R, idx.shape[-1], n * heads * D)
+        for s in range(0, R, c):
+            rows = slice(s, min(s + c, R))
+            keys = k_tok[rows].reshape(-1)
+            kk = km.index_select(0, keys).view(-1, k_tok.shape[1], heads, D).transpose(1, 2)
+            vv = vm.index_select(0, keys).view(-1, k_tok.shape[1], heads, D).transpose(1, 2)
+            o, l_ = _flash(q_rm[rows], kk, vv, attn_mask=_mask(k_valid, rows, q.dtype), scale=scale)
+            out_rm[rows] = o
+            lse[rows] = l_
+        ctx.save_for_backward(q_rm, k, v, out_rm, lse, q_tok, k_tok, slot,
+                              *(() if k_valid is None else (k_valid, q_valid)))
+        ctx.scale, ctx.topk, ctx.shape = scale, idx.shape[-1], q.shape
+        return out_rm.transpose(1, 2).reshape(R * n, heads, D)[slot].view(B, H, W, heads, D)
+
+    @staticmethod
+    def backward(ctx, dout: Tensor):
+        q_rm, k, v, out_rm, lse, q_tok, k_tok, slot, *masks = ctx.saved_tensors
+        k_valid, q_valid = masks if masks else (None, None)
+        B, H, W, heads, D = ctx.shape
+        R, n = q_tok.shape
+        km, vm = k.reshape(B * H * W, heads, D), v.reshape(B * H * W, heads, D)
+        do_rm = dout.reshape(B * H * W, heads, D)[q_tok.reshape(-1)].view(R, n, heads, D)
+        if q_valid is not None:  # padded queries point at a real token: their gradient is not theirs
+            do_rm = do_rm * q_valid[:, :, None, None]
+        do_rm = do_rm.transpose(1, 2)
+        dq_rm = torch.empty_like(q_rm)
+        dk = torch.zeros(B * H * W, heads, D, dtype=k.dtype, device=k.device)
+        dv = torch.zeros_like(dk)
+        c = _chunk(R, ctx.topk, n * heads * D)
+        for s in range(0, R, c):
+            rows = slice(s, min(s + c, R))
+            keys = k_tok[rows].reshape(-1)
+            kk = km.index_select(0, keys).view(-1, k_tok.shape[1], heads, D).transpose(1, 2)
+            vv = vm.index_select(0, keys).view(-1, k_tok.shape[1], heads, D).transpose(1, 2)
+            gq, gk, gv = _flash_bwd(do_rm[rows], q_rm[rows], kk, vv, out_rm[rows], lse[rows], 0.0, False,
+                                    attn_mask=_mask(k_valid, rows, q_rm.dtype), scale=ctx.scale)
+            dq_rm[rows] = gq
+            dk.index_add_(0, keys, gk.transpose(1, 2).reshape(-1, heads, D))
+            dv.index_add_(0, keys, gv.transpose(1, 2).reshape(-1, heads, D))
+        dq = dq_rm.transpose(1, 2).reshape(R * n, heads, D)[slot].view(B, H, W, heads, D)
+        return dq, dk.view(B, H, W, heads, D), dv.view(B, H, W, heads, D), None, None, None
+
+
+def bra(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, num_regions: Tuple[int, int], scale: float) -> Tensor:
+    B, H, W, heads, D = q.shape
+    h, w = geometry(H, W, num_regions)
+    if idx.shape[-1] >= -(-H // h) * -(-W // w):
+        # every region with a real token is selected (they outrank all-padding ones): dense
+        # attention over the unpadded map, whose key order does not matter
+        out = F.scaled_dot_product_attention(*(t.reshape(B, H * W, heads, D).transpose(1, 2) for t in (q, k, v)),
+                                             scale=scale)
+        return out.transpose(1, 2).reshape(B, H, W, heads, D)
+    return _BraFunction.apply(q, k, v, idx, tuple(num_regions), scale)
