@@ -1,6 +1,7 @@
+from .agent import AgentAttention
 from .cbam import CbamGate
 from .eca import EcaGate, eca_kernel_size
 from .halo import HaloAttention
 from .neighborhood import NeighborhoodAttention2d
 
-__all__ = ["CbamGate", "EcaGate", "HaloAttention", "NeighborhoodAttention2d", "eca_kernel_size"]
+__all__ = ["AgentAttention", "CbamGate", "EcaGate", "HaloAttention", "NeighborhoodAttention2d", "eca_kernel_size"]
