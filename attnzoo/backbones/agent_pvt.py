@@ -17,6 +17,10 @@ stage's token count with stage 1's) any input >= 32 px runs: position embeddings
 agent biases are resized to the actual maps. Module tree: ``patch_embed{i}`` /
 ``pos_embed{i}`` / ``block{i}`` become ``stages.{i-1}.{patch_embed, pos_embed, blocks}``
 and ``head`` -> ``head.fc``.
+
+Official checkpoints (``{'model': sd}``, README of ``agent_transformer/``): Agent-PVT-T/S/M/L
+at 224 px and Agent-PVT-M at 256 px (build it with ``img_size=256``: 36,083,682 params, equal
+to the official model's).
 """
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 

@@ -18,6 +18,11 @@ size works); ``A`` blocks use ``attnzoo.layers.AgentAttention``. Unlike the offi
 of 4, patch merging pads odd maps, and the agent biases are resized to the actual map.
 Module tree: the official one, except that each stage's patch merging sits at the start
 of the next stage (timm's Swin) and the classifier is ``head.fc``.
+
+Official checkpoints (``{'model': sd}``, README of ``agent_transformer/``): Agent-Swin-T/S/B
+at 224 px, Agent-Swin-S at 288 and Agent-Swin-B at 384 px; build the latter two with
+``img_size=288`` / ``384`` (window of the ``B`` blocks 9 / 12, as the official rule gives;
+49,707,964 / 88,305,016 params, equal to the official model's).
 """
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -89,7 +94,7 @@ class AgentSwinStage(nn.Module):
             stage_type: str,
             num_agents: int,
             downsample: bool,
-            window_size: int = 7,
+            window_size: Optional[int] = None,
             drop_path: Sequence[float] = (),
             norm_layer=nn.LayerNorm,
             mlp_ratio: float = 4.0,
@@ -136,7 +141,8 @@ class AgentSwinTransformer(ClassifierHeadMixin, nn.Module):
         embed_dim: channels of the first stage (doubled per stage).
         stage_types: per stage ``'A'``, ``'B'`` or ``'M<n>'`` (see the module docstring).
         num_agents: agent tokens per stage (official ``agent_num``).
-        window_size: Swin window of the ``B`` blocks (official ``max(7, 56 // 8)``).
+        window_size: Swin window of the ``B`` blocks; None: the official rule
+            ``max(7, map // 8)`` with ``map = img_size / 4`` (7 at 224 px, 9 at 288, 12 at 384).
         mlp_ratio, qkv_bias: as Swin.
         num_classes, in_chans, global_pool: as timm.
         drop_rate: dropout before the classifier (timm's meaning; the official model has none).
@@ -157,7 +163,7 @@ class AgentSwinTransformer(ClassifierHeadMixin, nn.Module):
             num_heads: Sequence[int] = (3, 6, 12, 24),
             stage_types: Sequence[str] = ("A", "A", "A", "B"),
             num_agents: Sequence[int] = (9, 16, 49, 49),
-            window_size: int = 7,
+            window_size: Optional[int] = None,
             mlp_ratio: float = 4.0,
             qkv_bias: bool = True,
             drop_rate: float = 0.0,
@@ -180,6 +186,7 @@ class AgentSwinTransformer(ClassifierHeadMixin, nn.Module):
                                       output_fmt="NHWC", strict_img_size=False, dynamic_img_pad=True)
         self.pos_drop = nn.Dropout(proj_drop_rate)
         grid = (img_size[0] // patch_size, img_size[1] // patch_size)
+        window_size = window_size or max(7, grid[0] // 8)
         dpr = [x.item() for x in torch.linspace(0, drop_path_rate, sum(depths), device="cpu")]
         self.layers = nn.ModuleList()
         self.feature_info = []
