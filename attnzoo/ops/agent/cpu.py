@@ -3,10 +3,12 @@
 Against the eager formulation (official code) it saves the work autograd cannot:
 the scale is folded into the small agent matrix once (not into Q), the biases are
 added in place and broadcast over the batch instead of ``repeat``-ed (their
-gradient is one sum over the batch), both softmax backwards use the fused
-``_softmax_backward_data`` kernel, and gradients nobody asked for are skipped.
+gradient is one sum over the batch), both softmax backwards run in place with
+their row sums taken over ``D`` (``rowsum(dP * P) = rowsum(dO * O)``, as in
+FlashAttention) instead of over the softmax axis, and gradients nobody asked
+for are skipped.
 The two probability matrices ``[B, h, A, M]`` and ``[B, h, N, A]`` are the only
-saved activations besides the inputs and ``V_A``.
+saved activations besides the inputs, ``V_A`` and the output.
 """
 from typing import Optional
 
@@ -30,21 +32,23 @@ class _AgentAttention(torch.autograd.Function):
         p2 = torch.softmax(logits, dim=-1)
         del logits
         out = torch.matmul(p2, agent_v)
-        ctx.save_for_backward(q, k, v, a, p1, p2, agent_v)
+        ctx.save_for_backward(q, k, v, a, p1, p2, agent_v, out)
         ctx.scale = scale
         ctx.has_bias = (agent_bias is not None, query_bias is not None)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, a, p1, p2, agent_v = ctx.saved_tensors
+        q, k, v, a, p1, p2, agent_v, out = ctx.saved_tensors
         need_q, need_k, need_v, need_a, need_b1, need_b2, _ = ctx.needs_input_grad
         dq = dk = dv = da = db1 = db2 = None
         dout = dout.contiguous()
         # stage 2: out = P2 V_A, P2 = softmax(Q A_s^T + B2)
         d_agent_v = torch.matmul(p2.transpose(-2, -1), dout)
         if need_q or need_a or need_b2:
-            ds2 = torch._softmax_backward_data(torch.matmul(dout, agent_v.transpose(-2, -1)), p2, -1, p2.dtype)
+            # softmax backward in place: dS = P * (dP - rowsum(dP * P)), rowsum(dP2 * P2) = rowsum(dO * out)
+            delta = (dout * out).sum(-1, keepdim=True)
+            ds2 = torch.matmul(dout, agent_v.transpose(-2, -1)).sub_(delta).mul_(p2)
             if need_q:
                 dq = torch.matmul(ds2, a)
             if need_a:
@@ -56,7 +60,8 @@ class _AgentAttention(torch.autograd.Function):
         if need_v:
             dv = torch.matmul(p1.transpose(-2, -1), d_agent_v)
         if need_k or need_a or need_b1:
-            ds1 = torch._softmax_backward_data(torch.matmul(d_agent_v, v.transpose(-2, -1)), p1, -1, p1.dtype)
+            delta = (d_agent_v * agent_v).sum(-1, keepdim=True)  # = rowsum(dP1 * P1), over D not M
+            ds1 = torch.matmul(d_agent_v, v.transpose(-2, -1)).sub_(delta).mul_(p1)
             if need_k:
                 dk = torch.matmul(ds1.transpose(-2, -1), a)
             if need_a:
