@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-import attnzoo  # noqa: F401
 from attnzoo.convert import convert_state_dict
 from attnzoo.layers.agent import AgentAttention, agent_grid
 
