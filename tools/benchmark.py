@@ -7,6 +7,7 @@
     python tools/benchmark.py --ops gate --batch-size 8         # each op backend against its reference
     python tools/benchmark.py --ops neighborhood --batch-size 2 --threads 1
     python tools/benchmark.py --ops routing --batch-size 2 --threads 1
+    python tools/benchmark.py --ops agent --batch-size 8 --threads 1
 
 Each model and its peer are timed in the same process with their steps interleaved
 (ours, peer, peer, ours, ...) so that drift and neighbours on a noisy machine hit
@@ -50,6 +51,10 @@ PEERS = {
     "attn_halonet26t": "halonet26t",
     "attn_halonet50ts": "halonet50ts",
     "haloattn_h1": "halonet_h1",
+    # Agent attention: the timm model each family modifies, at similar size
+    **{f"agent_swin_{size}": f"swin_{size}_patch4_window7_224" for size in ("tiny", "small", "base")},
+    "agent_pvt_tiny": "pvt_v2_b1", "agent_pvt_small": "pvt_v2_b2", "agent_pvt_medium": "pvt_v2_b3",
+    "agent_pvt_large": "pvt_v2_b4",
     "test_cbam_resnet": "test_resnet",
     "test_eca_resnet": "test_resnet",
     # BiFormer: Swin-T, the nearest FLOPs peer (the BiFormer paper's comparison)
@@ -424,8 +429,33 @@ def _routing_cases(batch, device, dtype):
                  memory=True)
 
 
+def _agent_official_eager(q, k, v, a, b1, b2, scale):
+    """The official AgentAttention's two stages, as written there (benchmark baseline): biases
+    ``repeat``-ed over the batch, agents and queries scaled before their products."""
+    b = q.shape[0]
+    attn = torch.softmax((a * scale) @ k.transpose(-2, -1) + b1.unsqueeze(0).repeat(b, 1, 1, 1), dim=-1)
+    agent_v = attn @ v
+    attn = torch.softmax((q * scale) @ a.transpose(-2, -1) + b2.unsqueeze(0).repeat(b, 1, 1, 1), dim=-1)
+    return attn @ agent_v
+
+
+def _agent_cases(batch, device, dtype):
+    """Agent-Swin-T's first stage: 56x56 tokens, 49 agents, 4 heads, D=32, both biases, against
+    the official code's eager formulation."""
+    from attnzoo.ops.agent import agent_attention
+
+    heads, n, agents, D = 4, 56 * 56, 49, 32
+    q, k, v = (torch.randn(batch, heads, n, D, device=device, dtype=dtype) for _ in range(3))
+    a = torch.randn(batch, heads, agents, D, device=device, dtype=dtype)
+    b1 = 0.1 * torch.randn(heads, agents, n, device=device, dtype=dtype)
+    b2 = 0.1 * torch.randn(heads, n, agents, device=device, dtype=dtype)
+    yield OpCase("agent_attn", f"{batch}x{heads}x{n}x{D} A{agents}", [q, k, v, a, b1, b2],
+                 lambda i, b: agent_attention(*i, backend=b), flops=4 * 2 * batch * heads * n * agents * D,
+                 baselines={"official eager": lambda i: _agent_official_eager(*i, D ** -0.5)})
+
+
 OP_BENCHES = {"gate": _gate_cases, "neighborhood": _neighborhood_cases, "halo": _halo_cases,
-              "routing": _routing_cases}
+              "routing": _routing_cases, "agent": _agent_cases}
 OP_COLUMNS = ["op", "shape", "method", "fwd_ms", "fwd_bwd_ms", "fwd_speedup", "fwd_bwd_speedup",
               "fwd_gflops", "of_matmul_peak", "max_rel_err", "fwd_bwd_peak_mb"]
 

@@ -1,8 +1,9 @@
 from .bra import BiLevelRoutingAttention
+from .agent import AgentAttention
 from .cbam import CbamGate
 from .eca import EcaGate, eca_kernel_size
 from .halo import HaloAttention
 from .neighborhood import NeighborhoodAttention2d
 
-__all__ = ["BiLevelRoutingAttention", "CbamGate", "EcaGate", "HaloAttention", "NeighborhoodAttention2d",
-           "eca_kernel_size"]
+__all__ = ["AgentAttention", "BiLevelRoutingAttention", "CbamGate", "EcaGate", "HaloAttention",
+           "NeighborhoodAttention2d", "eca_kernel_size"]

@@ -135,6 +135,9 @@ PARAMS = {
     "eca_resnet50": 25_557_112, "eca_resnet101": 44_549_317, "eca_resnet152": 60_193_042,
     "eca_mobilenet_v2": 3_504_903,
     "biformer_tiny": 13_142_760, "biformer_small": 25_536_232, "biformer_base": 56_804_968,
+    "agent_swin_tiny": 28_902_964, "agent_swin_small": 49_666_684, "agent_swin_base": 88_095_096,
+    "agent_pvt_tiny": 11_570_352, "agent_pvt_small": 20_635_066, "agent_pvt_medium": 35_921_746,
+    "agent_pvt_large": 48_738_180,
 }
 
 
