@@ -1,0 +1,12 @@
+_base_ = ['_base_/models/upernet.py', 'mmseg::_base_/datasets/ade20k.py',
+          '_base_/schedules/schedule_160k_adamw.py', 'mmseg::_base_/default_runtime.py']
+from attnzoo.heads import feature_channels  # noqa: E402  (in_channels from the model's feature_info)
+
+# ImageNet weights converted by tools/convert_checkpoint.py; train from scratch with
+# --cfg-options model.backbone.checkpoint=None
+# num_agents (per stage) is a model argument; the agent biases follow the map size
+model = dict(
+    backbone=dict(model_name='agent_swin_tiny', drop_path_rate=0.2,
+                  checkpoint='checkpoints/agent_swin_tiny.safetensors'),
+    decode_head=dict(in_channels=feature_channels('agent_swin_tiny'), num_classes=150),
+    auxiliary_head=dict(in_channels=feature_channels('agent_swin_tiny')[2], num_classes=150))
