@@ -41,15 +41,22 @@ __all__ = ["AgentPyramidVisionTransformer"]
 
 
 class PatchEmbed(nn.Module):
-    """Strided conv (kernel = stride = patch size, floor at odd sizes as the official
-    model) + LayerNorm; NCHW in, NHWC out."""
+    """Strided conv (kernel = stride = patch size) + LayerNorm; NCHW in, NHWC out. Maps that
+    are not a multiple of the patch are zero-padded bottom / right first (mmdet's adaptive
+    "corner" padding), so every level is ``ceil(size / stride)`` like the other families;
+    the official model floors, which only differs off multiples of 32."""
 
     def __init__(self, in_chans: int, embed_dim: int, patch_size: int):
         super().__init__()
+        self.patch_size = patch_size
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
         self.norm = nn.LayerNorm(embed_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.patch_size
+        pad_h, pad_w = -x.shape[-2] % p, -x.shape[-1] % p
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h))
         return self.norm(self.proj(x).permute(0, 2, 3, 1))
 
 
