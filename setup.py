@@ -5,6 +5,7 @@ MM = [
     "pycocotools", "ftfy", "regex", "setuptools<81",
 ]
 TEST = ["pytest", "pytest-xdist", "hypothesis"]
+TRAIN = ["albumentations>=2"]  # tools/train.py --aug albumentations
 
 setup(
     name="attnzoo",
@@ -19,6 +20,6 @@ setup(
         "scikit-learn",  # ships the digits set that train/validate use by default
         "matplotlib",  # training curves
     ],
-    extras_require={"mm": MM, "test": TEST, "all": MM + TEST},
+    extras_require={"mm": MM, "test": TEST + TRAIN, "train": TRAIN, "all": MM + TEST + TRAIN},
     license="MIT",
 )
