@@ -27,9 +27,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, also when imported by path (tests)
-import _common as C  # noqa: E402  (also puts a source checkout's attnzoo on the path)
+import _common as C  # noqa: E402  (imports attnzoo, which registers our models; a source checkout too)
 import _train_utils as T  # noqa: E402
-import attnzoo  # noqa: E402,F401  (registers our models with timm)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
