@@ -231,8 +231,10 @@ def train(args, info):
 
     global_batch = args.batch_size * info.world * args.grad_accum
     sampler = T.EpochSampler(len(train_ds), info.rank, info.world, args.seed, global_batch=global_batch)
+    # own generator: a DataLoader draws its workers' base seed from the global RNG once per iterator, which
+    # is per epoch without persistent workers and once with them; drop path and mixup must not see that
     loader_kw = dict(num_workers=args.workers, collate_fn=C.collate_skip, persistent_workers=args.workers > 0,
-                     pin_memory=device_type == "cuda")
+                     pin_memory=device_type == "cuda", generator=torch.Generator().manual_seed(args.seed))
     train_loader = DataLoader(T.SeededDataset(train_ds, args.seed), args.batch_size, sampler=sampler, **loader_kw)
     val_loader = DataLoader(val_ds, args.batch_size * 2,
                             sampler=list(range(info.rank, len(val_ds), info.world)), **loader_kw)

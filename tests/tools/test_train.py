@@ -170,11 +170,12 @@ RESUME = ["--epochs", "2", "--limit", "64", "--batch-size", "16", "--grad-accum"
 
 def test_resume_after_a_kill_equals_the_unbroken_run(tmp_path):
     """2 epochs straight vs 1 epoch, stop, --resume: bit-identical weights, optimizer, EMA and metrics
-    (BatchNorm, drop path, mixup/cutmix and albumentations all draw random numbers)."""
+    (BatchNorm, drop path, mixup/cutmix and albumentations all draw random numbers). The broken run
+    loads with 2 worker processes: augmentation does not depend on which process draws it."""
     full = train.main(_argv(tmp_path / "full", *RESUME))
-    half = train.main(_argv(tmp_path / "cut", *RESUME, "--stop-epoch", "1"))
+    half = train.main(_argv(tmp_path / "cut", *RESUME, "--stop-epoch", "1", "--workers", "2"))
     assert half["epochs"] == 1 and not (tmp_path / "cut" / "last.pth.tmp").exists()
-    resumed = train.main(_argv(tmp_path / "cut", *RESUME, "--resume"))
+    resumed = train.main(_argv(tmp_path / "cut", *RESUME, "--resume", "--workers", "2"))
     assert resumed["epochs"] == full["epochs"] == 2
 
     a = torch.load(tmp_path / "full" / "last.pth", weights_only=True)
