@@ -7,6 +7,7 @@ MM = [
     "pycocotools", "ftfy", "regex", "setuptools<81",
 ]
 TEST = ["pytest", "pytest-xdist", "hypothesis", *MM]  # CI (".[test]") runs the detection/segmentation tests too
+TRAIN = ["albumentations>=2"]  # tools/train.py --aug albumentations
 
 setup(
     name="attnzoo",
@@ -21,6 +22,6 @@ setup(
         "scikit-learn",  # ships the digits set that train/validate use by default
         "matplotlib",  # training curves
     ],
-    extras_require={"mm": MM, "test": TEST, "all": TEST},
+    extras_require={"mm": MM, "test": TEST + TRAIN, "train": TRAIN, "all": TEST + TRAIN},
     license="MIT",
 )

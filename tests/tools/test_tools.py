@@ -127,8 +127,8 @@ def test_validate_skips_corrupt_files(tmp_path, bad):
 def test_train_on_image_folder(tmp_path):
     _image_folder(tmp_path / "data" / "train", bad="truncated")
     _image_folder(tmp_path / "data" / "val")
-    summary = train.main(["--model", MODEL, "--data-dir", str(tmp_path / "data"), "--img-size", "32", "--epochs", "1",
-                          "--batch-size", "4", "--workers", "0", "--output", str(tmp_path / "out"), "--no-progress"])
+    summary = train.main(["--model", MODEL, "--data-dir", str(tmp_path / "data"), "--img-size", "32", "--epochs", "1",  # batch 8 > 7 files: all in
+                          "--batch-size", "8", "--workers", "0", "--output", str(tmp_path / "out"), "--no-progress"])
     meta = json.load(open(tmp_path / "out" / "args.json"))
     assert (meta["num_classes"], meta["classes"]) == (2, ["n01", "n02"])
     assert next(csv.DictReader(open(tmp_path / "out" / "metrics.csv")))["skipped"] == "1"
