@@ -1,0 +1,124 @@
+"""CPU fast path: linear attention with its own backward.
+
+The eager composition (``reference.py``, or the official code) spends its time in
+elementwise passes over ``[B, heads, N, D]``: RoPE alone is five (a negated copy, a
+stack, two products, a sum) per tensor, and autograd doubles all of them. Here:
+
+- RoPE is one complex multiply per tensor (``view_as_complex``: pairs ``(2i, 2i+1)``
+  are the real and imaginary parts), its inverse the multiply by the conjugate;
+- everything else is batched matmuls plus a few fused in-place updates;
+- the backward is written out (derivation in ``README.md``), so no autograd graph is
+  kept: it saves the inputs, the rotated q / k, the ``[D, D]`` summary and three small
+  per-row / per-head statistics.
+
+Half inputs are computed in fp32 and cast back; fp64 stays fp64.
+"""
+from typing import Optional
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def _cis(cos: Optional[Tensor], sin: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    if cos is None:
+        return None
+    return torch.complex(cos.to(dtype), sin.to(dtype))
+
+
+def _rope(x: Tensor, cis: Optional[Tensor], conj: bool = False) -> Tensor:
+    """``x`` turned by ``cis`` (``conj``: the inverse turn); ``x`` itself when there is no RoPE."""
+    if cis is None:
+        return x
+    if x.stride(-1) != 1 or any(s % 2 for s in x.stride()[:-1]) or x.storage_offset() % 2:
+        x = x.contiguous()
+    xc = torch.view_as_complex(x.unflatten(-1, (-1, 2)))
+    return torch.view_as_real(xc * (cis.conj() if conj else cis)).flatten(-2)
+
+
+def _coefs(z: Tensor, eps: float, magnitude_aware: bool):
+    """``out = a * (q_rot @ kv) - b * mean(v)`` and ``da/dz`` (per row); ``b`` is z (MALA) or 0."""
+    inv = 1 / (z + eps)
+    a = 1 + inv if magnitude_aware else inv
+    return a, -inv * inv
+
+
+def _flat(x: Tensor) -> Tensor:
+    return x.reshape(-1, *x.shape[-2:])
+
+
+def _forward(q, k, v, cis, scale, eps, magnitude_aware):
+    n = q.shape[-2]
+    km = k.mean(dim=-2, keepdim=True)  # [B, h, 1, D]
+    z = (q @ km.transpose(-2, -1)).mul_(scale)  # [B, h, N, 1]
+    qr, kr = _rope(q, cis), _rope(k, cis)
+    kv = torch.bmm(_flat(kr).transpose(-2, -1), _flat(v)).mul_(scale / n).view(*q.shape[:-2], *km.shape[-1:] * 2)
+    a, _ = _coefs(z, eps, magnitude_aware)
+    out = (qr @ kv).mul_(a)
+    vm = None
+    if magnitude_aware:
+        vm = v.mean(dim=-2, keepdim=True)
+        out.addcmul_(z, vm, value=-1)
+    return out, (qr, kr, kv, z, km, vm)
+
+
+def _backward(g, q, v, qr, kr, kv, z, km, vm, cis, scale, eps, magnitude_aware, need_q, need_k, need_v):
+    n = q.shape[-2]
+    a, dadz = _coefs(z, eps, magnitude_aware)
+    gk = g @ kv.transpose(-2, -1)  # dL/d(q_rot @ kv), before the per-row factor a
+    dz = (qr * gk).sum(dim=-1, keepdim=True).mul_(dadz)
+    if magnitude_aware:
+        dz.sub_(g @ vm.transpose(-2, -1))
+    dz.mul_(scale)  # now dL/d(q . km) per row
+    dq = dk = dv = None
+    if need_q:
+        dq = _rope(gk.mul_(a), cis, conj=True)
+        dq.addcmul_(dz, km)
+    if need_k or need_v:
+        dkv = (qr * a).transpose(-2, -1) @ g  # [B, h, D, D]
+        if need_k:
+            dk = _rope((v @ dkv.transpose(-2, -1)).mul_(scale / n), cis, conj=True)
+            dk.add_(dz.transpose(-2, -1) @ q, alpha=1 / n)
+        if need_v:
+            if magnitude_aware:  # + d mean(v) / N, from the -z * mean(v) term
+                shift = (z.transpose(-2, -1) @ g).div_(-n)
+                dv = torch.baddbmm(_flat(shift), _flat(kr), _flat(dkv), alpha=scale / n).view(v.shape)
+            else:
+                dv = (kr @ dkv).mul_(scale / n)
+    return dq, dk, dv
+
+
+class _LinearAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cos, sin, scale, eps, magnitude_aware):
+        dtype = q.dtype
+        compute = torch.promote_types(dtype, torch.float32)
+        q, k, v = q.to(compute), k.to(compute), v.to(compute)
+        cis = _cis(cos, sin, compute)
+        out, (qr, kr, kv, z, km, vm) = _forward(q, k, v, cis, scale, eps, magnitude_aware)
+        ctx.save_for_backward(q, v, qr, kr, kv, z, km, vm, cis)
+        ctx.args = (scale, eps, magnitude_aware, dtype)
+        return out.to(dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        q, v, qr, kr, kv, z, km, vm, cis = ctx.saved_tensors
+        scale, eps, magnitude_aware, dtype = ctx.args
+        need_q, need_k, need_v = ctx.needs_input_grad[:3]
+        g = g.to(q.dtype)
+        dq, dk, dv = _backward(g, q, v, qr, kr, kv, z, km, vm, cis, scale, eps, magnitude_aware,
+                               need_q, need_k, need_v)
+        cast = (lambda t: None if t is None else t.to(dtype))
+        return cast(dq), cast(dk), cast(dv), None, None, None, None, None
+
+
+def linear_attention(q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor], sin: Optional[Tensor],
+                     scale: float, eps: float, magnitude_aware: bool) -> Tensor:
+    """Same contract as ``reference.linear_attention``; RoPE tables get no gradient."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return _LinearAttention.apply(q, k, v, cos, sin, float(scale), float(eps), bool(magnitude_aware))
+    dtype = q.dtype
+    compute = torch.promote_types(dtype, torch.float32)
+    q, k, v = q.to(compute), k.to(compute), v.to(compute)
+    return _forward(q, k, v, _cis(cos, sin, compute), scale, eps, magnitude_aware)[0].to(dtype)
