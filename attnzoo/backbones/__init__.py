@@ -2,3 +2,4 @@
 from . import cbam, eca  # noqa: F401
 from . import nat  # noqa: F401
 from . import halonet  # noqa: F401
+from . import mala  # noqa: F401

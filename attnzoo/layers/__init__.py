@@ -1,6 +1,8 @@
 from .cbam import CbamGate
 from .eca import EcaGate, eca_kernel_size
 from .halo import HaloAttention
+from .mala import MagnitudeAwareLinearAttention, RopeSoftmaxAttention, RotaryEmbedding2d
 from .neighborhood import NeighborhoodAttention2d
 
-__all__ = ["CbamGate", "EcaGate", "HaloAttention", "NeighborhoodAttention2d", "eca_kernel_size"]
+__all__ = ["CbamGate", "EcaGate", "HaloAttention", "MagnitudeAwareLinearAttention", "NeighborhoodAttention2d",
+           "RopeSoftmaxAttention", "RotaryEmbedding2d", "eca_kernel_size"]

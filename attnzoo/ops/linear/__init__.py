@@ -27,8 +27,9 @@ import torch
 
 from .. import _dispatch
 from . import cpu, reference
+from .reference import rotate as rotate_pairs
 
-__all__ = ["linear_attention", "magnitude_aware_linear_attention", "BACKENDS", "DEFAULT_EPS"]
+__all__ = ["linear_attention", "magnitude_aware_linear_attention", "rotate_pairs", "BACKENDS", "DEFAULT_EPS"]
 
 BACKENDS = _dispatch.standard_backends(reference, cpu, __name__ + ".triton")
 
