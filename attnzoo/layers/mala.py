@@ -12,6 +12,7 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from timm.layers import use_fused_attn
 from torch import nn
 
 from ..ops.linear import magnitude_aware_linear_attention, rotate_pairs
@@ -102,9 +103,16 @@ class MagnitudeAwareLinearAttention(_QkvoAttention):
 
 class RopeSoftmaxAttention(_QkvoAttention):
     """Softmax attention over the whole map with RoPE on q and k (official ``VanillaSelfAttention``,
-    used by the released MAViTs in their last two stages)."""
+    used by the released MAViTs in their last two stages). ``fused_attn`` (timm's switch): SDPA,
+    else the explicit ``softmax(scale q k^T) v`` (which FLOP counters see; CPU SDPA they do not)."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__(dim, num_heads)
+        self.fused_attn = use_fused_attn()
 
     def attend(self, q, k, v, rope):
         if rope is not None:
             q, k = rotate_pairs(q, *rope).to(v.dtype), rotate_pairs(k, *rope).to(v.dtype)
-        return F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        if self.fused_attn:
+            return F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        return torch.softmax(self.scale * q @ k.transpose(-2, -1), dim=-1) @ v
