@@ -134,6 +134,7 @@ PARAMS = {
     "cbam_resnet101": 49_330_172, "eca_resnet18": 11_689_556, "eca_resnet34": 21_797_744,
     "eca_resnet50": 25_557_112, "eca_resnet101": 44_549_317, "eca_resnet152": 60_193_042,
     "eca_mobilenet_v2": 3_504_903,
+    "mala_tiny": 16_449_128, "mala_small": 27_142_568, "mala_base": 49_792_648, "mala_large": 97_766_088,
 }
 
 
