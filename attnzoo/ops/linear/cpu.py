@@ -8,8 +8,11 @@ stack, two products, a sum) per tensor, and autograd doubles all of them. Here:
   are the real and imaginary parts), its inverse the multiply by the conjugate;
 - everything else is batched matmuls plus a few fused in-place updates;
 - the backward is written out (derivation in ``README.md``), so no autograd graph is
-  kept: it saves the inputs, the rotated q / k, the ``[D, D]`` summary and three small
-  per-row / per-head statistics.
+  kept: it saves q, v, ``a(z) rope(q)`` (the forward's matmul operand, also the backward's
+  ``dkv`` operand), ``rope(k)``, the ``[D, D]`` summary and three small per-row / per-head
+  statistics; ``rope(q) . x`` is recovered as ``(a rope(q)) . x / a`` (``a > 0`` for the
+  non-negative features the op is defined on);
+- matrix-vector products run as ``mv`` per head (``bmm`` with a vector operand is slow on CPU).
 
 Half inputs are computed in fp32 and cast back; fp64 stays fp64.
 """
@@ -47,41 +50,57 @@ def _flat(x: Tensor) -> Tensor:
     return x.reshape(-1, *x.shape[-2:])
 
 
+def _rowdot(x: Tensor, vec: Tensor) -> Tensor:
+    """``[..., N, D] . [..., 1, D]`` per row -> ``[..., N, 1]`` (``mv`` per head: ``bmm`` with a
+    vector operand is several times slower on CPU)."""
+    flat, vflat = _flat(x), _flat(vec)
+    out = torch.stack([torch.mv(m, u[0]) for m, u in zip(flat, vflat)])
+    return out.view(*x.shape[:-1], 1)
+
+
+def _coldot(w: Tensor, x: Tensor) -> Tensor:
+    """``sum_n w[n] x[n]``: ``[..., N, 1]``, ``[..., N, D]`` -> ``[..., 1, D]``."""
+    out = torch.stack([torch.mv(m.t(), u[:, 0]) for m, u in zip(_flat(x), _flat(w))])
+    return out.view(*x.shape[:-2], 1, x.shape[-1])
+
+
 def _forward(q, k, v, cis, scale, eps, magnitude_aware):
+    """Output and, for the backward, ``a * rope(q)``, ``rope(k)``, ``kv``, ``z``, ``mean(k)``, ``mean(v)``."""
     n = q.shape[-2]
     km = k.mean(dim=-2, keepdim=True)  # [B, h, 1, D]
-    z = (q @ km.transpose(-2, -1)).mul_(scale)  # [B, h, N, 1]
-    qr, kr = _rope(q, cis), _rope(k, cis)
+    z = _rowdot(q, km).mul_(scale)  # [B, h, N, 1]
+    qa, kr = _rope(q, cis), _rope(k, cis)
     kv = torch.bmm(_flat(kr).transpose(-2, -1), _flat(v)).mul_(scale / n).view(*q.shape[:-2], *km.shape[-1:] * 2)
     a, _ = _coefs(z, eps, magnitude_aware)
-    out = (qr @ kv).mul_(a)
+    qa = qa * a if qa is q else qa.mul_(a)  # a > 0 for non-negative features: the backward divides by it
+    out = qa @ kv
     vm = None
     if magnitude_aware:
         vm = v.mean(dim=-2, keepdim=True)
         out.addcmul_(z, vm, value=-1)
-    return out, (qr, kr, kv, z, km, vm)
+    return out, (qa, kr, kv, z, km, vm)
 
 
-def _backward(g, q, v, qr, kr, kv, z, km, vm, cis, scale, eps, magnitude_aware, need_q, need_k, need_v):
+def _backward(g, q, v, qa, kr, kv, z, km, vm, cis, scale, eps, magnitude_aware, need_q, need_k, need_v):
     n = q.shape[-2]
     a, dadz = _coefs(z, eps, magnitude_aware)
     gk = g @ kv.transpose(-2, -1)  # dL/d(q_rot @ kv), before the per-row factor a
-    dz = (qr * gk).sum(dim=-1, keepdim=True).mul_(dadz)
+    dz = (qa * gk).sum(dim=-1, keepdim=True).div_(a).mul_(dadz)  # rope(q) . gk = (a rope(q)) . gk / a
     if magnitude_aware:
-        dz.sub_(g @ vm.transpose(-2, -1))
-    dz.mul_(scale)  # now dL/d(q . km) per row
+        dz.sub_(_rowdot(g, vm))
+    dz.mul_(scale)  # now dL/d(q . mean(k)) per row
     dq = dk = dv = None
     if need_q:
         dq = _rope(gk.mul_(a), cis, conj=True)
         dq.addcmul_(dz, km)
     if need_k or need_v:
-        dkv = (qr * a).transpose(-2, -1) @ g  # [B, h, D, D]
+        dkv = qa.transpose(-2, -1) @ g  # [B, h, D, D]
         if need_k:
             dk = _rope((v @ dkv.transpose(-2, -1)).mul_(scale / n), cis, conj=True)
-            dk.add_(dz.transpose(-2, -1) @ q, alpha=1 / n)
+            dk.add_(_coldot(dz, q), alpha=1 / n)
         if need_v:
             if magnitude_aware:  # + d mean(v) / N, from the -z * mean(v) term
-                shift = (z.transpose(-2, -1) @ g).div_(-n)
+                shift = _coldot(z, g).div_(-n)
                 dv = torch.baddbmm(_flat(shift), _flat(kr), _flat(dkv), alpha=scale / n).view(v.shape)
             else:
                 dv = (kr @ dkv).mul_(scale / n)
@@ -95,19 +114,19 @@ class _LinearAttention(torch.autograd.Function):
         compute = torch.promote_types(dtype, torch.float32)
         q, k, v = q.to(compute), k.to(compute), v.to(compute)
         cis = _cis(cos, sin, compute)
-        out, (qr, kr, kv, z, km, vm) = _forward(q, k, v, cis, scale, eps, magnitude_aware)
-        ctx.save_for_backward(q, v, qr, kr, kv, z, km, vm, cis)
+        out, (qa, kr, kv, z, km, vm) = _forward(q, k, v, cis, scale, eps, magnitude_aware)
+        ctx.save_for_backward(q, v, qa, kr, kv, z, km, vm, cis)
         ctx.args = (scale, eps, magnitude_aware, dtype)
         return out.to(dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        q, v, qr, kr, kv, z, km, vm, cis = ctx.saved_tensors
+        q, v, qa, kr, kv, z, km, vm, cis = ctx.saved_tensors
         scale, eps, magnitude_aware, dtype = ctx.args
         need_q, need_k, need_v = ctx.needs_input_grad[:3]
         g = g.to(q.dtype)
-        dq, dk, dv = _backward(g, q, v, qr, kr, kv, z, km, vm, cis, scale, eps, magnitude_aware,
+        dq, dk, dv = _backward(g, q, v, qa, kr, kv, z, km, vm, cis, scale, eps, magnitude_aware,
                                need_q, need_k, need_v)
         cast = (lambda t: None if t is None else t.to(dtype))
         return cast(dq), cast(dk), cast(dv), None, None, None, None, None
