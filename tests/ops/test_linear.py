@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from _linear_cases import TOL, check, compare, gen, inputs, rope_tables
+from _linear_cases import TOL, compare, gen, inputs, rope_tables
 
 from attnzoo.ops import linear
 from attnzoo.ops.linear import cpu, linear_attention, magnitude_aware_linear_attention, reference
