@@ -94,16 +94,16 @@ def _backward(g, q, v, qa, kr, kv, z, km, vm, cis, scale, eps, magnitude_aware, 
         dq = _rope(gk.mul_(a), cis, conj=True)
         dq.addcmul_(dz, km)
     if need_k or need_v:
-        dkv = qa.transpose(-2, -1) @ g  # [B, h, D, D]
+        dkv = (qa.transpose(-2, -1) @ g).mul_(scale / n)  # (s/N) dL/dkv, [B, h, D, D]: scaled while small
         if need_k:
-            dk = _rope((v @ dkv.transpose(-2, -1)).mul_(scale / n), cis, conj=True)
+            dk = _rope(v @ dkv.transpose(-2, -1), cis, conj=True)
             dk.add_(_coldot(dz, q), alpha=1 / n)
         if need_v:
             if magnitude_aware:  # + d mean(v) / N, from the -z * mean(v) term
                 shift = _coldot(z, g).div_(-n)
-                dv = torch.baddbmm(_flat(shift), _flat(kr), _flat(dkv), alpha=scale / n).view(v.shape)
+                dv = torch.baddbmm(_flat(shift), _flat(kr), _flat(dkv)).view(v.shape)
             else:
-                dv = (kr @ dkv).mul_(scale / n)
+                dv = kr @ dkv
     return dq, dk, dv
 
 
