@@ -81,23 +81,36 @@ def _forward(q, k, v, cis, scale, eps, magnitude_aware):
     return out, (qa, kr, kv, z, km, vm)
 
 
+def _turn_(x: Tensor, cis: Optional[Tensor]) -> Tensor:
+    """In-place turn of a fresh contiguous ``x`` by ``cis`` (no-op without RoPE)."""
+    if cis is not None:
+        torch.view_as_complex(x.unflatten(-1, (-1, 2))).mul_(cis)
+    return x
+
+
 def _backward(g, q, v, qa, kr, kv, z, km, vm, cis, scale, eps, magnitude_aware, need_q, need_k, need_v):
+    # Three full-size buffers, the three gradients: a fresh one costs page faults worth
+    # several elementwise passes, so every other step runs in place or into one of them.
     n = q.shape[-2]
     a, dadz = _coefs(z, eps, magnitude_aware)
-    gk = g @ kv.transpose(-2, -1)  # dL/d(q_rot @ kv), before the per-row factor a
-    dz = (qa * gk).sum(dim=-1, keepdim=True).div_(a).mul_(dadz)  # rope(q) . gk = (a rope(q)) . gk / a
+    inv = None if cis is None else cis.conj().resolve_conj()
+    g = g.contiguous()
+    gk = g @ kv.transpose(-2, -1)  # dL/d(q_rot @ kv), before the per-row factor a; becomes dq
+    buf = torch.mul(qa, gk)  # becomes dk
+    dz = buf.sum(dim=-1, keepdim=True).div_(a).mul_(dadz)  # rope(q) . gk = (a rope(q)) . gk / a
     if magnitude_aware:
         dz.sub_(_rowdot(g, vm))
     dz.mul_(scale)  # now dL/d(q . mean(k)) per row
     dq = dk = dv = None
     if need_q:
-        dq = _rope(gk.mul_(a), cis, conj=True)
+        dq = _turn_(gk.mul_(a), inv)
         dq.addcmul_(dz, km)
     if need_k or need_v:
         dkv = (qa.transpose(-2, -1) @ g).mul_(scale / n)  # (s/N) dL/dkv, [B, h, D, D]: scaled while small
         if need_k:
-            dk = _rope(v @ dkv.transpose(-2, -1), cis, conj=True)
-            dk.add_(_coldot(dz, q), alpha=1 / n)
+            dk = buf.view(q.shape)
+            torch.bmm(_flat(v), _flat(dkv).transpose(-2, -1), out=_flat(dk))
+            _turn_(dk, inv).add_(_coldot(dz, q), alpha=1 / n)
         if need_v:
             if magnitude_aware:  # + d mean(v) / N, from the -z * mean(v) term
                 shift = _coldot(z, g).div_(-n)
