@@ -20,6 +20,9 @@ Backends (``backend=`` or ``$ATTNZOO_BACKEND``; default: the best that can run):
 - ``reference``: the readable composition under autograd (``reference.py``), the oracle.
 - ``cpu``: batched matmuls, RoPE as one complex multiply, hand-written backward (``cpu.py``).
 - ``triton``: fused forward and backward kernels, two passes each (``triton.py``, CUDA).
+
+``rotate_pairs(x, cos, sin)`` is the same RoPE on its own (plain torch), for callers that
+need it outside the op (MAViT's softmax stages).
 """
 from typing import Optional, Tuple
 
