@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-import attnzoo  # noqa: F401
 from attnzoo.backbones import mala
 from attnzoo.convert import convert_state_dict
 from attnzoo.layers.mala import MagnitudeAwareLinearAttention, RopeSoftmaxAttention, RotaryEmbedding2d
