@@ -255,3 +255,23 @@ def test_import_and_cpu_call_never_import_the_triton_backend():
 
 
 assert set(TOL) == set(DTYPES)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_autocast_changes_nothing(backend):
+    """Under bf16 autocast the op keeps its own precision (fp32 accumulation): the same outputs
+    and gradients as without autocast, for bf16 and fp32 inputs. The backward runs after the
+    autocast region, as in training (the cpu backend's own backward also disables autocast,
+    so it would not mind; the reference's autograd graph follows the ambient state)."""
+    for dtype in (BF16, F32):
+        q, k, v, tables, dy = inputs((1, 2, 19, 8), dtype, True, ("autocast", str(dtype)))
+        res = []
+        for enabled in (False, True):
+            leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+            with torch.autocast("cpu", dtype=BF16, enabled=enabled):
+                y = magnitude_aware_linear_attention(*leaves, tables, backend=backend)
+            grads = torch.autograd.grad(y, leaves, dy.to(dtype))
+            res.append((y, *grads))
+        for a, b in zip(*res):
+            assert a.dtype == dtype
+            torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -132,3 +132,18 @@ def test_strided_inputs_and_partial_gradients():
         res[backend] = [t.cpu() for t in (y, gx, gq, gv)]
     for a, b in zip(res["triton"], res["reference"]):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@kernel_test
+def test_autocast_changes_nothing():
+    q, k, v, tables, dy = inputs((1, 2, 19, 8), BF16, True, ("autocast-tri",))
+    res = []
+    for enabled in (False, True):
+        leaves = [t.to(DEVICE, BF16).requires_grad_() for t in (q, k, v)]
+        rope = tuple(t.to(DEVICE, F32) for t in tables)
+        with torch.autocast(DEVICE, dtype=BF16, enabled=enabled):
+            y = magnitude_aware_linear_attention(*leaves, rope, backend="triton")
+            grads = torch.autograd.grad(y, leaves, dy.to(DEVICE, BF16))
+        res.append((y, *grads))
+    for a, b in zip(*res):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -100,7 +100,10 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: Ro
     cos, sin, scale, eps = _validate("linear_attention", q, k, v, rope, scale, eps)
     tensors = [t for t in (q, k, v, cos, sin) if t is not None]
     chosen = _dispatch.choose_backend("linear_attention", BACKENDS, tensors, backend)
-    return chosen.impl.linear_attention(q, k, v, cos, sin, scale, eps, bool(magnitude_aware))
+    # the op sets its own precision (fp32 accumulation for half inputs): autocast would
+    # round its matmuls to bf16 / fp16, and the backends' backward reads what forward saved
+    with torch.autocast(q.device.type, enabled=False):
+        return chosen.impl.linear_attention(q, k, v, cos, sin, scale, eps, bool(magnitude_aware))
 
 
 def magnitude_aware_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: Rope = None, *,

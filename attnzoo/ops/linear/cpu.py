@@ -135,6 +135,11 @@ class _LinearAttention(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
+        with torch.autocast(g.device.type, enabled=False):  # as the forward (see ``__init__``)
+            return _LinearAttention._backward(ctx, g)
+
+    @staticmethod
+    def _backward(ctx, g):
         q, v, qa, kr, kv, z, km, vm, cis = ctx.saved_tensors
         scale, eps, magnitude_aware, dtype = ctx.args
         need_q, need_k, need_v = ctx.needs_input_grad[:3]

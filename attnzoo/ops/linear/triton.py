@@ -359,6 +359,11 @@ class _LinearAttention(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
+        with torch.autocast(g.device.type, enabled=False):  # as the forward (see ``__init__``)
+            return _LinearAttention._backward(ctx, g)
+
+    @staticmethod
+    def _backward(ctx, g):
         q, k, v, cos, sin, *stats = ctx.saved_tensors
         need_q, need_k, need_v = ctx.needs_input_grad[:3]
         if not (need_q or need_k or need_v):
