@@ -16,6 +16,7 @@ stack, two products, a sum) per tensor, and autograd doubles all of them. Here:
 
 Half inputs are computed in fp32 and cast back; fp64 stays fp64.
 """
+import contextlib
 from typing import Optional
 
 import torch
@@ -135,7 +136,8 @@ class _LinearAttention(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        with torch.autocast(g.device.type, enabled=False):  # as the forward (see ``__init__``)
+        with torch.autocast(g.device.type, enabled=False) if torch.amp.is_autocast_available(g.device.type) \
+                else contextlib.nullcontext():  # as the forward (see ``__init__``)
             return _LinearAttention._backward(ctx, g)
 
     @staticmethod

@@ -32,6 +32,7 @@ fp32 (fp64 for fp64 inputs); fp32 matmuls honour ``torch.backends.cuda.matmul.al
 Layers, as the other ops: ``@triton.jit`` kernels, host launchers, the autograd Function,
 the public function.
 """
+import contextlib
 from typing import Optional, Tuple
 
 import torch
@@ -359,7 +360,8 @@ class _LinearAttention(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        with torch.autocast(g.device.type, enabled=False):  # as the forward (see ``__init__``)
+        with torch.autocast(g.device.type, enabled=False) if torch.amp.is_autocast_available(g.device.type) \
+                else contextlib.nullcontext():  # as the forward (see ``__init__``)
             return _LinearAttention._backward(ctx, g)
 
     @staticmethod
