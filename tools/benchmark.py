@@ -8,6 +8,7 @@
     python tools/benchmark.py --ops neighborhood --batch-size 2 --threads 1
     python tools/benchmark.py --ops routing --batch-size 2 --threads 1
     python tools/benchmark.py --ops agent --batch-size 8 --threads 1
+    python tools/benchmark.py --ops linear --batch-size 1 --threads 1
 
 Each model and its peer are timed in the same process with their steps interleaved
 (ours, peer, peer, ours, ...) so that drift and neighbours on a noisy machine hit
@@ -47,6 +48,8 @@ PEERS = {
     "eca_mobilenet_v2": "mobilenetv2_100",
     # NAT/DiNAT: Swin at equal size (the comparison the NAT papers make)
     **{f"{fam}_{size}": f"swin_{size}_patch4_window7_224" for fam in ("nat", "dinat") for size in ("tiny", "small", "base")},
+    # MAViT: Swin-T, the usual peer of 4-5 GMAC hierarchical models
+    **{f"mala_{size}": "swin_tiny_patch4_window7_224" for size in ("tiny", "small", "base", "large")},
     # HaloNet: timm's own model of the same config
     "attn_halonet26t": "halonet26t",
     "attn_halonet50ts": "halonet50ts",
@@ -161,10 +164,18 @@ def gmacs(model, img_size):
     from torch.utils.flop_counter import FlopCounterMode
 
     model.eval()
+    # FlopCounterMode has no formula for CPU SDPA: count modules' explicit attention math instead
+    fused = [m for m in model.modules() if getattr(m, "fused_attn", None) is True]
     counter = FlopCounterMode(display=False)
     # the reference backend: fast paths may express reductions as matmuls, which the counter would add
-    with torch.no_grad(), counter, _env(ATTNZOO_BACKEND="reference"):
-        model(torch.randn(1, 3, img_size, img_size))
+    try:
+        for m in fused:
+            m.fused_attn = False
+        with torch.no_grad(), counter, _env(ATTNZOO_BACKEND="reference"):
+            model(torch.randn(1, 3, img_size, img_size))
+    finally:
+        for m in fused:
+            m.fused_attn = True
     return counter.get_total_flops() / 2 / 1e9
 
 
@@ -454,8 +465,46 @@ def _agent_cases(batch, device, dtype):
                  baselines={"official eager": lambda i: _agent_official_eager(*i, D ** -0.5)})
 
 
+def _official_mala(q, k, v, sin_full, cos_full, scale):
+    """qhfan/MALA's ``AddLinearAttention`` maths from the elu+1 features on, eager (for the benchmark
+    only): ``[N, D]`` tables, RoPE by the "rotate every two" shuffle, z before RoPE, eps 1e-6."""
+    n = q.shape[-2]
+    z = q @ k.mean(dim=-2, keepdim=True).transpose(-2, -1) * scale
+
+    def turn(x):
+        return x * cos_full + torch.stack([-x[..., 1::2], x[..., 0::2]], dim=-1).flatten(-2) * sin_full
+
+    q, k = turn(q), turn(k)
+    kv = (k.transpose(-2, -1) * (scale / n) ** 0.5) @ (v * (scale / n) ** 0.5)
+    return q @ kv * (1 + 1 / (z + 1e-6)) - z * v.mean(dim=2, keepdim=True)
+
+
+def _linear_cases(batch, device, dtype):
+    """MALA on MAViT-style heads (4 heads, D=32, 2-D RoPE): at 56x56 against the official eager
+    formulation, then 56^2 / 112^2 / 224^2 tokens beside softmax attention (SDPA) on the same
+    q, k, v, to show linear against quadratic growth (a different op: its error column is not
+    a bug; SDPA at 224^2, ~1.3 TFLOP a forward per image, runs on CUDA only)."""
+    from attnzoo.layers.mala import RotaryEmbedding2d
+    from attnzoo.ops.linear import magnitude_aware_linear_attention
+
+    heads, D = 4, 32
+    for n in (56, 112, 224):
+        cos, sin = (t.to(device, dtype) for t in RotaryEmbedding2d(heads * D, heads)(n, n))
+        q, k = (F.elu(torch.randn(batch, heads, n * n, D, device=device, dtype=dtype)) + 1 for _ in range(2))
+        v = torch.randn(batch, heads, n * n, D, device=device, dtype=dtype)
+        base = {}
+        if n == 56:
+            sf, cf = sin.repeat_interleave(2, -1), cos.repeat_interleave(2, -1)
+            base["official eager"] = lambda i, s_=sf, c_=cf: _official_mala(*i, s_, c_, D ** -0.5)
+        if n < 224 or device.type == "cuda":
+            base["sdpa (softmax)"] = lambda i: F.scaled_dot_product_attention(*i)
+        yield OpCase("mala", f"{batch}x{heads}x{n * n}x{D} rope", [q, k, v],
+                     lambda i, b, r=(cos, sin): magnitude_aware_linear_attention(*i, r, backend=b),
+                     flops=4 * batch * heads * n * n * D * D, baselines=base)
+
+
 OP_BENCHES = {"gate": _gate_cases, "neighborhood": _neighborhood_cases, "halo": _halo_cases,
-              "routing": _routing_cases, "agent": _agent_cases}
+              "routing": _routing_cases, "agent": _agent_cases, "linear": _linear_cases}
 OP_COLUMNS = ["op", "shape", "method", "fwd_ms", "fwd_bwd_ms", "fwd_speedup", "fwd_bwd_speedup",
               "fwd_gflops", "of_matmul_peak", "max_rel_err", "fwd_bwd_peak_mb"]
 

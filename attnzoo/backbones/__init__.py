@@ -5,3 +5,4 @@ from . import halonet  # noqa: F401
 from . import biformer  # noqa: F401
 from . import agent_swin  # noqa: F401
 from . import agent_pvt  # noqa: F401
+from . import mala  # noqa: F401

@@ -138,6 +138,7 @@ PARAMS = {
     "agent_swin_tiny": 28_902_964, "agent_swin_small": 49_666_684, "agent_swin_base": 88_095_096,
     "agent_pvt_tiny": 11_570_352, "agent_pvt_small": 20_635_066, "agent_pvt_medium": 35_921_746,
     "agent_pvt_large": 48_738_180,
+    "mala_tiny": 16_449_128, "mala_small": 27_142_568, "mala_base": 49_792_648, "mala_large": 97_766_088,
 }
 
 

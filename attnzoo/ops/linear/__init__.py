@@ -1,0 +1,121 @@
+"""Linear attention over ``N`` tokens, plain and magnitude-aware (MALA, Fan et al., ICCV 2025).
+
+Given non-negative features ``q = phi(Q)``, ``k = phi(K)`` (``[B, heads, N, D]``; MALA and
+most linear attentions use ``phi = elu + 1``), values ``v`` and an optional RoPE:
+
+- ``z = scale * q . mean(k)`` per query, from the features *before* RoPE;
+- ``kv = (scale / N) * rope(k)^T v``, a ``[D, D]`` summary per head;
+- magnitude-aware: ``out = (1 + 1/(z + eps)) * rope(q) @ kv - z * mean(v)``;
+- plain: ``out = rope(q) @ kv / (z + eps)`` (the usual normalised linear attention).
+
+Computing ``z`` before RoPE and the numerator after it is the official MALA order
+(qhfan/MALA issue #5); the op owns both so callers cannot mix them up. RoPE here turns
+adjacent channel pairs ``(2i, 2i+1)`` by the angle of ``cos[n, i]``, ``sin[n, i]``
+(tables ``[N, D/2]``, e.g. from ``attnzoo.layers.mala.rope_tables``). The cost is
+``O(N D^2)``: nothing ``N x N`` or per-token ``D x D`` is ever formed. See ``README.md``
+for the maths, the backward and the numerics (``eps``).
+
+Backends (``backend=`` or ``$ATTNZOO_BACKEND``; default: the best that can run):
+
+- ``reference``: the readable composition under autograd (``reference.py``), the oracle.
+- ``cpu``: batched matmuls, RoPE as one complex multiply, hand-written backward (``cpu.py``).
+- ``triton``: fused forward and backward kernels, two passes each (``triton.py``, CUDA).
+
+``rotate_pairs(x, cos, sin)`` is the same RoPE on its own (plain torch), for callers that
+need it outside the op (MAViT's softmax stages).
+"""
+import contextlib
+from typing import Optional, Tuple
+
+import torch
+
+from .. import _dispatch
+from . import cpu, reference
+from .reference import rotate as rotate_pairs
+
+__all__ = ["linear_attention", "magnitude_aware_linear_attention", "rotate_pairs", "BACKENDS", "DEFAULT_EPS"]
+
+BACKENDS = _dispatch.standard_backends(reference, cpu, __name__ + ".triton")
+
+#: added to ``z`` before ``1/z``; the official MALA code's value (see README.md, "Numerics")
+DEFAULT_EPS = 1e-6
+
+Rope = Optional[Tuple[torch.Tensor, torch.Tensor]]
+
+
+def no_autocast(device_type: str):
+    """Autocast off for ``device_type`` (a no-op where autocast does not exist, e.g. meta)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _validate(op: str, q, k, v, rope: Rope, scale, eps):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{op}: {name} must be [B, heads, N, D], got shape {tuple(t.shape)}")
+    if not (q.shape == k.shape == v.shape):
+        raise ValueError(f"{op}: q, k, v must have the same shape [B, heads, N, D], got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype) or not q.is_floating_point():
+        raise ValueError(f"{op}: q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"{op}: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if q.numel() == 0:
+        raise ValueError(f"{op}: got empty inputs of shape {tuple(q.shape)}")
+    cos = sin = None
+    if rope is not None:
+        if not isinstance(rope, (tuple, list)) or len(rope) != 2:
+            raise ValueError(f"{op}: rope must be a (cos, sin) pair of [N, D/2] tables, got {type(rope).__name__}")
+        cos, sin = rope
+        n, d = q.shape[-2:]
+        if d % 2:
+            raise ValueError(f"{op}: RoPE turns channel pairs, so D must be even; got q {tuple(q.shape)}")
+        for name, t in (("cos", cos), ("sin", sin)):
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != (n, d // 2):
+                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"{op}: rope {name} must be [N, D/2] = {(n, d // 2)} for q {tuple(q.shape)}, "
+                                 f"got {got}")
+            if t.device != q.device or not t.is_floating_point():
+                raise ValueError(f"{op}: rope {name} must be a floating tensor on {q.device}, "
+                                 f"got {t.dtype} on {t.device}")
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    if not float(eps) > 0:
+        raise ValueError(f"{op}: eps must be > 0, got {eps}")
+    return cos, sin, float(scale), float(eps)
+
+
+def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: Rope = None, *,
+                     magnitude_aware: bool = False, scale: Optional[float] = None, eps: float = DEFAULT_EPS,
+                     backend: Optional[str] = None) -> torch.Tensor:
+    """Linear attention of ``[B, heads, N, D]`` features (any strides); returns ``[B, heads, N, D]``.
+
+    Args:
+        q, k: non-negative query / key features (``phi`` already applied), ``[B, heads, N, D]``.
+        v: values, same shape.
+        rope: ``(cos, sin)``, each ``[N, D/2]``, or None. Applied to q and k for the
+            numerator only, after ``z`` (see the module docstring). Gets no gradient.
+        magnitude_aware: MALA's ``(1 + 1/z) q kv - z mean(v)`` instead of ``q kv / z``.
+        scale: ``s`` in ``z = s q.mean(k)`` and ``kv = (s/N) k^T v``; default ``D ** -0.5``.
+        eps: added to ``z`` before it is inverted (MALA's ``1e-6``); must be > 0.
+        backend: ``"reference" | "cpu" | "triton"``; default: the best that can run.
+
+    Half inputs are accumulated in fp32 and returned in their dtype.
+    """
+    cos, sin, scale, eps = _validate("linear_attention", q, k, v, rope, scale, eps)
+    tensors = [t for t in (q, k, v, cos, sin) if t is not None]
+    chosen = _dispatch.choose_backend("linear_attention", BACKENDS, tensors, backend)
+    # the op sets its own precision (fp32 accumulation for half inputs): autocast would
+    # round its matmuls to bf16 / fp16, and the backends' backward reads what forward saved
+    with no_autocast(q.device.type):
+        return chosen.impl.linear_attention(q, k, v, cos, sin, scale, eps, bool(magnitude_aware))
+
+
+def magnitude_aware_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: Rope = None, *,
+                                     scale: Optional[float] = None, eps: float = DEFAULT_EPS,
+                                     backend: Optional[str] = None) -> torch.Tensor:
+    """MALA: ``linear_attention(..., magnitude_aware=True)``."""
+    return linear_attention(q, k, v, rope, magnitude_aware=True, scale=scale, eps=eps, backend=backend)

@@ -1,0 +1,11 @@
+_base_ = ['_base_/models/upernet.py', 'mmseg::_base_/datasets/ade20k.py',
+          '_base_/schedules/schedule_160k_adamw.py', 'mmseg::_base_/default_runtime.py']
+from attnzoo.heads import feature_channels  # noqa: E402  (in_channels from the model's feature_info)
+
+# ImageNet weights converted by tools/convert_checkpoint.py; train from scratch with
+# --cfg-options model.backbone.checkpoint=None
+model = dict(
+    backbone=dict(model_name='mala_small', drop_path_rate=0.2,
+                  checkpoint='checkpoints/mala_small.safetensors'),
+    decode_head=dict(in_channels=feature_channels('mala_small'), num_classes=150),
+    auxiliary_head=dict(in_channels=feature_channels('mala_small')[2], num_classes=150))
