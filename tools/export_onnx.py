@@ -1,0 +1,163 @@
+#!/usr/bin/env python3
+"""Export a model to ONNX and check onnxruntime's output against torch's.
+
+    python tools/export_onnx.py --model dinat_tiny                     # output/onnx/dinat_tiny.onnx
+    python tools/export_onnx.py --model test_nat --img-size 64 --out /tmp/nat.onnx
+    python tools/export_onnx.py --model cbam_resnet50 --opset 18 --dynamo
+
+The batch axis is always dynamic. Height and width are exported dynamic too, then
+checked at a second size: a model whose graph bakes the input size in (the
+neighborhood reference's index tables are computed in Python from the map size, and
+layers pad small maps in Python) fails that check and is re-exported with a fixed size.
+The ops' fast backends (custom autograd Functions, Triton) cannot be traced; while an
+export runs, ``attnzoo.ops._dispatch`` routes every op to its plain-torch reference.
+
+Parity: ``max |ort - torch| / max |torch|`` over the logits of each checked input,
+which must be <= ``--tol`` (1e-4).
+"""
+import argparse
+import logging
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402  (also puts a source checkout's attnzoo on the path)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+COLUMNS = ["check", "input", "max_abs_err", "max_rel_err", "ok"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True)
+    p.add_argument("--img-size", type=int, default=None, help="default: the model's pretrained_cfg input size")
+    p.add_argument("--batch-size", "-b", type=int, default=2, help="batch of the example input")
+    p.add_argument("--num-classes", type=int, default=None)
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--out", default=None, help="default: output/onnx/<model>.onnx")
+    p.add_argument("--static-size", action="store_true", help="fix H and W (the batch stays dynamic)")
+    p.add_argument("--dynamo", action="store_true",
+                   help="torch.export-based exporter (slower to export; default: the TorchScript tracer)")
+    p.add_argument("--tol", type=float, default=1e-4, help="max relative error allowed")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def export(model, x, path, opset=17, dynamic_hw=True, dynamo=False):
+    """Export ``model`` on example ``x`` with a dynamic batch (and H, W when ``dynamic_hw``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        # the tracer warns at every Python-side shape check; the numeric checks below are what count
+        warnings.simplefilter("ignore")
+        if dynamo:
+            from torch.export import Dim
+            axes = {0: Dim.DYNAMIC, 2: Dim.DYNAMIC, 3: Dim.DYNAMIC} if dynamic_hw else {0: Dim.DYNAMIC}
+            prog = torch.onnx.export(model, (x,), dynamo=True, opset_version=opset, input_names=["input"],
+                                     output_names=["output"], dynamic_shapes=(axes,))
+            prog.save(str(path))
+        else:
+            axes = {0: "batch", 2: "height", 3: "width"} if dynamic_hw else {0: "batch"}
+            torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=opset,
+                              input_names=["input"], output_names=["output"],
+                              dynamic_axes={"input": axes, "output": {0: "batch"}})
+    import onnx
+    onnx.checker.check_model(str(path))
+    return path
+
+
+def compare(model, session, x):
+    """(max abs error, max relative error) of onnxruntime against torch on ``x``."""
+    with torch.no_grad():
+        ref = model(x).numpy()
+    out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    if out.shape != ref.shape:
+        raise RuntimeError(f"onnxruntime output shape {out.shape} != torch's {ref.shape}")
+    err = float(np.abs(out - ref).max())
+    return err, err / max(float(np.abs(ref).max()), 1e-12)
+
+
+def _session(path):
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # a failed shape check is reported below, not as an ORT error dump
+    threads = torch.get_num_threads()
+    opts.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def _check(model, session, name, shape, tol):
+    x = torch.randn(*shape)
+    row = dict(check=name, input="x".join(map(str, shape)))
+    try:
+        abs_err, rel_err = compare(model, session, x)
+    except Exception as e:  # onnxruntime rejects a baked-in size with an index / reshape error
+        return dict(row, max_abs_err=float("nan"), max_rel_err=float("nan"), ok=False,
+                    error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    return dict(row, max_abs_err=abs_err, max_rel_err=rel_err, ok=rel_err <= tol)
+
+
+def run(args):
+    """Export and check; returns a summary dict (``ok``: every check passed)."""
+    torch.manual_seed(args.seed)
+    size = args.img_size or C.default_img_size(args.model)
+    kw = {} if args.num_classes is None else dict(num_classes=args.num_classes)
+    model = C.create_model(args.model, img_size=size, **kw).eval()
+    out = Path(args.out or os.path.join("output", "onnx", f"{args.model}.onnx"))
+    B = args.batch_size
+    x = torch.randn(B, 3, size, size)
+    # other sizes with H != W, one of them odd (padding paths), to catch a graph that baked the size in
+    others = [(size + 32, size + 16), (size + 13, size + 7)]
+
+    dynamic_hw, note = not args.static_size, ""
+    t0 = time.perf_counter()
+    export(model, x, out, args.opset, dynamic_hw, args.dynamo)
+    export_s = time.perf_counter() - t0
+    session = _session(out)
+    rows = [_check(model, session, "export input", (B, 3, size, size), args.tol),
+            _check(model, session, "dynamic batch", (B + 1, 3, size, size), args.tol)]
+    if dynamic_hw:
+        hws = [_check(model, session, "dynamic H/W", (1, 3) + o, args.tol) for o in others]
+        bad = [r for r in hws if not r["ok"]]
+        if bad:
+            # the graph holds the export size somewhere: fix H and W and say so
+            hw = bad[0]
+            note = f"H/W fixed, at {hw['input']}: " + hw.get("error", f"max rel err {hw['max_rel_err']:.2e}")
+            dynamic_hw = False
+            t0 = time.perf_counter()
+            export(model, x, out, args.opset, False, args.dynamo)
+            export_s = time.perf_counter() - t0
+            session = _session(out)
+            rows = [_check(model, session, "export input", (B, 3, size, size), args.tol),
+                    _check(model, session, "dynamic batch", (B + 1, 3, size, size), args.tol)]
+        else:
+            rows += hws
+    return dict(model=args.model, path=str(out), opset=args.opset, exporter="dynamo" if args.dynamo else "torchscript",
+                img_size=size, dynamic_batch=True, dynamic_hw=dynamic_hw, note=note, export_s=export_s,
+                max_rel_err=max(r["max_rel_err"] for r in rows), ok=all(r["ok"] for r in rows), checks=rows)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    C.check_model_name(args.model)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    s = run(args)
+    print(f"{s['model']}: {s['path']} (opset {s['opset']}, {s['exporter']} exporter, {s['export_s']:.1f} s), "
+          f"dynamic batch: yes, dynamic H/W: {'yes' if s['dynamic_hw'] else 'no'}")
+    if s["note"]:
+        print(f"  {s['note']}")
+    print(C.format_table(s["checks"], COLUMNS))
+    print(f"{'PASS' if s['ok'] else 'FAIL'}: max relative error {s['max_rel_err']:.2e} (tolerance {args.tol:g})")
+    if not s["ok"]:
+        raise SystemExit(1)
+    return s
+
+
+if __name__ == "__main__":
+    main()
