@@ -4,7 +4,8 @@ MM = [
     "mmengine==0.10.7", "mmcv-lite==2.1.0", "mmdet==3.3.0", "mmsegmentation==1.2.2",
     "pycocotools", "ftfy", "regex", "setuptools<81",
 ]
-TEST = ["pytest", "pytest-xdist", "hypothesis"]
+ONNX = ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript"]  # onnxscript: torch's dynamo exporter (--dynamo)
+TEST = ["pytest", "pytest-xdist", "hypothesis"] + ONNX
 
 setup(
     name="attnzoo",
@@ -19,6 +20,6 @@ setup(
         "scikit-learn",  # ships the digits set that train/validate use by default
         "matplotlib",  # training curves
     ],
-    extras_require={"mm": MM, "test": TEST, "all": MM + TEST},
+    extras_require={"mm": MM, "onnx": ONNX, "test": TEST, "all": MM + TEST},
     license="MIT",
 )
