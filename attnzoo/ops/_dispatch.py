@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -195,7 +196,11 @@ def standard_backends(reference, cpu, triton_module_name: str) -> list:
 
     class _LazyTriton:
         def __getattr__(self, item):
-            return getattr(importlib.import_module(triton_module_name), item)
+            # sys.modules first: dynamo traces a dict lookup but refuses importlib
+            module = sys.modules.get(triton_module_name)
+            if module is None:
+                module = importlib.import_module(triton_module_name)
+            return getattr(module, item)
 
     if _HAS_TRITON and torch.cuda.is_available():
         # imported now, not at first use: a torch.compile trace cannot import it, and the
