@@ -6,14 +6,16 @@
     python tools/export_onnx.py --model cbam_resnet50 --opset 18 --dynamo
 
 The batch axis is always dynamic. Height and width are exported dynamic too, then
-checked at a second size: a model whose graph bakes the input size in (the
+checked at two other sizes: a model whose graph bakes the input size in (the
 neighborhood reference's index tables are computed in Python from the map size, and
 layers pad small maps in Python) fails that check and is re-exported with a fixed size.
 The ops' fast backends (custom autograd Functions, Triton) cannot be traced; while an
 export runs, ``attnzoo.ops._dispatch`` routes every op to its plain-torch reference.
 
 Parity: ``max |ort - torch| / max |torch|`` over the logits of each checked input,
-which must be <= ``--tol`` (1e-4).
+which must be <= ``--tol`` (1e-4). Without ``--checkpoint`` the random init is perturbed
+first (``perturb``): zero-initialised residual gammas, layer scales of 1e-5 and zero
+biases would otherwise switch whole branches off and let a broken export pass.
 """
 import argparse
 import logging
@@ -39,6 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--img-size", type=int, default=None, help="default: the model's pretrained_cfg input size")
     p.add_argument("--batch-size", "-b", type=int, default=2, help="batch of the example input")
     p.add_argument("--num-classes", type=int, default=None)
+    p.add_argument("--checkpoint", default=None, help="weights to export (safetensors / .pth, read safely)")
+    p.add_argument("--no-perturb", action="store_true", help="export the random init as it is")
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--out", default=None, help="default: output/onnx/<model>.onnx")
     p.add_argument("--static-size", action="store_true", help="fix H and W (the batch stays dynamic)")
@@ -47,6 +51,22 @@ def parse_args(argv=None):
     p.add_argument("--tol", type=float, default=1e-4, help="max relative error allowed")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
+
+
+@torch.no_grad()
+def perturb(model, seed=0, scale=0.1):
+    """Give every constant-initialised tensor (zero gammas, unit gammas, 1e-5 layer scales,
+    zero biases, BN running statistics) random values, so no branch is switched off."""
+    g = torch.Generator().manual_seed(seed)
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if not t.is_floating_point() or t.numel() == 0 or (t.numel() > 1 and t.min() != t.max()):
+            continue
+        noise = torch.randn(t.shape, generator=g, dtype=t.dtype)
+        if name.endswith("running_var"):
+            t.mul_(1 + scale * noise.abs())
+        else:
+            t.add_(scale * noise)
+    return model
 
 
 def export(model, x, path, opset=17, dynamic_hw=True, dynamo=False):
@@ -109,6 +129,10 @@ def run(args):
     size = args.img_size or C.default_img_size(args.model)
     kw = {} if args.num_classes is None else dict(num_classes=args.num_classes)
     model = C.create_model(args.model, img_size=size, **kw).eval()
+    if args.checkpoint:
+        C.load_weights(model, C.load_state_dict_file(args.checkpoint), args.model)
+    elif not args.no_perturb:
+        perturb(model, args.seed)
     out = Path(args.out or os.path.join("output", "onnx", f"{args.model}.onnx"))
     B = args.batch_size
     x = torch.randn(B, 3, size, size)

@@ -158,20 +158,26 @@ def _choose_traceable(op, backends, tensors, requested, capture) -> Backend:
             raise RuntimeError(f"{op}: backend {requested!r} cannot be traced by {capture} and the op has no reference")
         _log_substitution(op, requested, capture, warn=True)
         return by_name["reference"]
+    eager = next((b.name for b in backends if b.can_run(tensors, False) is None), None)
     for b in backends:
         if b.can_trace(capture) and b.can_run(tensors, False) is None:
-            if b.name != backends[0].name:
+            if b.name != eager:
                 _log_substitution(op, None, capture, chosen=b.name)
             return b
     raise RuntimeError(f"{op}: no backend can be traced by {capture}: "
                        + ", ".join(b.name for b in backends))
 
 
+_LOGGED = set()
+
+
 def _log_substitution(op, requested, capture, warn=False, chosen="reference"):
     # dynamo would graph-break on a logging call (fullgraph=True: an error); the substitution is
     # reported when exporting, where the tracer runs plain Python
-    if capture == "compile":
+    key = (op, requested, capture, chosen)
+    if capture == "compile" or key in _LOGGED:
         return
+    _LOGGED.add(key)  # once per op and capture, not once per layer
     if warn:
         _logger.warning("%s: backend %r cannot be traced by %s; using the reference backend", op, requested, capture)
     else:
@@ -191,7 +197,8 @@ def _triton_traceable(module_name: str) -> Callable[[str], bool]:
 def standard_backends(reference, cpu, triton_module_name: str) -> list:
     """Priority order used by every op: triton (GPU), cpu fast path, reference.
 
-    The Triton module is imported lazily so that ``import attnzoo`` never needs triton.
+    The Triton module is imported only where it can run (triton installed, CUDA present),
+    so that ``import attnzoo`` never needs triton; elsewhere on first use (the interpreter).
     """
 
     class _LazyTriton:

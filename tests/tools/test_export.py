@@ -74,6 +74,14 @@ def test_export_fixes_hw_when_the_graph_bakes_the_size_in(tmp_path, monkeypatch)
     assert [r["check"] for r in s["checks"]] == ["export input", "dynamic batch"]
 
 
+def test_perturb_switches_every_branch_on():
+    model = timm.create_model(TINY[0])
+    export_onnx.perturb(model)
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_floating_point() and t.numel() > 1:
+            assert t.min() != t.max(), name
+
+
 def test_export_reports_failure(tmp_path, monkeypatch):
     monkeypatch.setattr(export_onnx, "compare", lambda *a: (1.0, 1.0))
     with pytest.raises(SystemExit):
@@ -104,12 +112,14 @@ def test_eager_uses_the_fast_backend():
 
 
 @pytest.mark.parametrize("forced", [None, "cpu"])
-def test_onnx_export_routes_to_reference(tmp_path, forced, caplog):
+def test_onnx_export_routes_to_reference(tmp_path, forced, caplog, monkeypatch):
+    monkeypatch.setattr(_dispatch, "_LOGGED", set())  # logged once per process otherwise
     p = _Probe(forced)
     with caplog.at_level(logging.INFO, logger=_dispatch.__name__):
         torch.onnx.export(p, (torch.randn(1, 2, 3, 3),), str(tmp_path / "p.onnx"), dynamo=False)
     assert ("onnx", "reference") in p.seen
-    # a forced backend that cannot be traced is replaced, and said so
+    # the substitution is said, as a warning when the backend was forced
+    assert "using the reference backend" in caplog.text
     assert ("cannot be traced" in caplog.text) == (forced is not None)
 
 
@@ -160,7 +170,7 @@ def test_ops_compile_fullgraph_eager_backend():
 @pytest.mark.parametrize("name", TINY)
 def test_tiny_model_compiles_fullgraph(name):
     torch._dynamo.reset()
-    model = timm.create_model(name).eval()
+    model = export_onnx.perturb(timm.create_model(name).eval())
     x = torch.randn(2, 3, 64, 48)
     with torch.no_grad():
         ref = model(x)
