@@ -73,7 +73,7 @@ def capturing() -> Optional[str]:
     """
     if torch.onnx.is_in_onnx_export():
         return "onnx"
-    if torch.compiler.is_exporting():
+    if getattr(torch.compiler, "is_exporting", lambda: False)():  # torch >= 2.5
         return "export"
     if torch.compiler.is_compiling():
         return "compile"

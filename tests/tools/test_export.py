@@ -20,9 +20,6 @@ from attnzoo.ops import _dispatch
 TOOLS = Path(__file__).resolve().parents[2] / "tools"
 TINY = attnzoo.list_models("test_*")
 
-pytest.importorskip("onnx")
-pytest.importorskip("onnxruntime")
-
 
 def _load(name):
     spec = importlib.util.spec_from_file_location(f"attnzoo_tools_{name}", TOOLS / f"{name}.py")

@@ -14,6 +14,11 @@ Backends:
   (so BN statistics update once) and needs three passes: the two scale
   reductions of ``dy * x``, the channel-scale term of the spatial pool, and one
   write of ``dx`` that sums every path.
+
+Under a graph capture (ONNX export, ``torch.export``, ``torch.compile``) the dispatch
+takes the reference, or under ``torch.compile`` the Triton backend, whose three primitives
+are custom ops: the gate is then composed from them as the reference composes its own,
+since ``_FusedGate`` keeps the learned gate callables in its ctx and cannot be traced.
 """
 import contextlib
 from typing import Callable, Optional, Sequence
