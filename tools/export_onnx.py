@@ -6,9 +6,10 @@
     python tools/export_onnx.py --model cbam_resnet50 --opset 18 --dynamo
 
 The batch axis is always dynamic. Height and width are exported dynamic too, then
-checked at two other sizes: a model whose graph bakes the input size in (the
-neighborhood reference's index tables are computed in Python from the map size, and
-layers pad small maps in Python) fails that check and is re-exported with a fixed size.
+checked at other sizes (larger, odd, and smaller where >= 64 px): a model whose graph
+bakes the input size in (the neighborhood reference's index tables are computed in
+Python from the map size, and layers pad small maps in Python) fails that check and is
+re-exported with a fixed size.
 The ops' fast backends (custom autograd Functions, Triton) cannot be traced; while an
 export runs, ``attnzoo.ops._dispatch`` routes every op to its plain-torch reference.
 
@@ -138,6 +139,8 @@ def run(args):
     x = torch.randn(B, 3, size, size)
     # other sizes with H != W, one of them odd (padding paths), to catch a graph that baked the size in
     others = [(size + 32, size + 16), (size + 13, size + 7)]
+    if size - 31 >= 64:  # and a smaller one: Python-side padding of small maps is baked in too
+        others.append((size - 31, size - 17))
 
     dynamic_hw, note = not args.static_size, ""
     t0 = time.perf_counter()
