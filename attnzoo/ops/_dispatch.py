@@ -13,8 +13,9 @@ Functions and raw passes cannot be traced, so while a capture is in progress
 (``Backend.traceable``): the plain-torch reference always, a Triton backend under
 ``torch.compile`` when its module registers its kernels as ``torch.library`` custom ops
 (``register_compile_traceable``). A backend forced by ``backend=`` or
-``$ATTNZOO_BACKEND`` that the capture cannot trace is replaced by the reference, with a
-warning, because the model would otherwise not export at all.
+``$ATTNZOO_BACKEND`` that the capture cannot trace is replaced by the reference, because
+the model would otherwise not export at all. Exports log the substitution (once per op);
+a torch.compile trace cannot, since a logging call there is a graph break.
 """
 from __future__ import annotations
 
