@@ -72,6 +72,7 @@ def parse_args(argv=None):
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--no-train", action="store_true", help="inference only")
+    p.add_argument("--no-timing", action="store_true", help="params, GMACs and paper top-1 only")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory step")
     p.add_argument("--quick", action="store_true", help="smoke test: batch 1, 1 step, no warmup")
     p.add_argument("--out-dir", default=str(Path("output") / "compare"))
@@ -116,6 +117,8 @@ def measure(name, family, args):
             if "params_m" not in row:
                 row["params_m"] = bench.params / 1e6
             row[f"gmacs_{size}"] = bench.gmacs
+            if args.no_timing:
+                continue
             ba = _bench_args(args, size)
             row[f"infer_{size}"] = args.batch_size / B.interleaved([bench], "infer", ba)[0]
             if not args.no_train:
@@ -130,6 +133,8 @@ def measure(name, family, args):
 
 def columns_for(args, rows):
     cols = ["model", "family", "params_m"] + [f"gmacs_{s}" for s in args.sizes]
+    if args.no_timing:
+        return cols + ["top1_paper", "status"]
     for s in args.sizes:
         cols.append(f"infer_{s}")
         if not args.no_train:
@@ -205,11 +210,12 @@ def main(argv=None):
                 "GMACs = FlopCounterMode FLOPs / 2 (multiply-accumulates, the papers' \"FLOPs\"); "
                 "infer / train = images/s at that input size; mem = peak MB of one training step.\n\n")
         f.write(table + "\n")
-    plot(rows, args, out / "compare.png")
+    if not args.no_timing:
+        plot(rows, args, out / "compare.png")
     print()
     print(table)
-    print(f"\n{time.perf_counter() - t0:.0f} s; results: {out / 'compare.csv'}, {out / 'compare.md'}, "
-          f"{out / 'compare.png'}")
+    print(f"\n{time.perf_counter() - t0:.0f} s; results in {out}: compare.csv, compare.md"
+          + ("" if args.no_timing else ", compare.png"))
     return rows
 
 

@@ -53,3 +53,11 @@ def test_paper_top1_from_the_family_docs():
     assert compare.paper_top1("cbam_resnet50") == 77.34
     assert compare.paper_top1("convnext_tiny") == 82.1
     assert compare.paper_top1("test_nat") is None
+
+
+def test_compare_no_timing_is_params_and_gmacs(tmp_path):
+    name = attnzoo.list_models("test_*")[0]
+    rows = compare.main(["--no-timing", "--device", "cpu", "--models", name, "--sizes", "64",
+                         "--out-dir", str(tmp_path)])
+    assert rows[0]["status"] == "ok" and rows[0]["gmacs_64"] > 0 and "infer_64" not in rows[0]
+    assert (tmp_path / "compare.md").is_file() and not (tmp_path / "compare.png").exists()
