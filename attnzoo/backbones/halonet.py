@@ -12,18 +12,22 @@ name, and the outputs match timm's model on inputs whose every halo stage is a m
 of the block size (256 px native). Unlike timm's, ours take any input size (timm asserts
 divisibility by the block size); off-multiple maps behave as if zero-padded bottom / right.
 
-``haloattn_h0`` ... ``haloattn_h4`` are the paper's HaloNet-H0..H4 (untrained), laid out as
-timm's ``halonet_h1`` (``haloattn_h1`` equals it: same parameters, same outputs); H5-H7 are
-not provided (see ``_H_SERIES``).
+``haloattn_h0`` ... ``haloattn_h7`` are the paper's HaloNet-H0..H7 (untrained), laid out as
+timm's ``halonet_h1`` (``haloattn_h1`` equals it: same parameters, same outputs). For H5-H7
+the value multiplier ``rv > 1`` widens only the values (and so the attention output and
+the last 1x1 conv's input); queries and keys keep the bottleneck width, see
+``ValueWideSelfAttnBlock``. Their parameter counts match the paper's table.
 
 The names differ from timm's on purpose: attnzoo never shadows a timm model.
 """
 from dataclasses import replace
+from functools import partial
 from typing import Any, Dict
 
 from timm.models import build_model_with_cfg, generate_default_cfgs
 from timm.models.byoanet import model_cfgs as _timm_byoa_cfgs
-from timm.models.byobnet import ByoBlockCfg, ByoModelCfg, ByobNet
+from timm.layers import make_divisible
+from timm.models.byobnet import ByoBlockCfg, ByoModelCfg, ByobNet, SelfAttnBlock
 from timm.models.byobnet import checkpoint_filter_fn as _byob_filter_fn
 
 from .._registry import register_model
@@ -46,15 +50,35 @@ def halo_model_cfg(model_cfg: ByoModelCfg) -> ByoModelCfg:
     return replace(model_cfg, blocks=blocks, self_attn_layer=_swap_halo(model_cfg.self_attn_layer))
 
 
+class ValueWideSelfAttnBlock(SelfAttnBlock):
+    """timm's ``SelfAttnBlock`` whose attention values are ``value_ratio`` times wider than
+    its q / k (HaloNet's ``rv``): 1x1 -> halo attention (q, k at the bottleneck width, v and
+    output at ``rv`` x it) -> BN-act -> 1x1. With ``value_ratio=1`` it is ``SelfAttnBlock``."""
+
+    def __init__(self, in_chs: int, out_chs: int, *args, value_ratio: float = 1.0, **kwargs):
+        super().__init__(in_chs, out_chs, *args, **kwargs)
+        if value_ratio == 1.0:
+            return
+        layers, stride = kwargs["layers"], kwargs.get("stride", 1)
+        mid = self.conv1_1x1.conv.out_channels
+        wide = make_divisible(mid * value_ratio)
+        # rebuilt rather than re-implementing timm's constructor: only these three widen
+        self.self_attn = layers.self_attn(mid, dim_out=wide, stride=stride, qk_ratio=mid / wide)
+        self.post_attn = layers.norm_act(wide)
+        self.conv3_1x1 = layers.conv_norm_act(wide, out_chs, 1, apply_act=False)
+
+
 def _h_cfg(b: int, h: int, rv: float, rb: float, l3: int, df: int = 0) -> ByoModelCfg:
-    """The paper's HaloNet-H family (Table 2 / appendix: block ``b``, halo ``h``, value multiplier
+    """The paper's HaloNet-H family (appendix table: block ``b``, halo ``h``, value multiplier
     ``rv``, bottleneck-output multiplier ``rb``, stage-3 depth ``l3``, final 1x1 conv ``df``), laid
     out as timm's ``halonet_h1`` config (7x7 stem + max pool, halo attention in every block,
-    stride-2 halo blocks downsample). timm only ships H1 (untrained); ours equals it for H1."""
+    stride-2 halo blocks downsample): stage ``i`` has q / k width ``64 * 2**i``, values
+    ``rv`` times that, and outputs ``rb`` times it. timm only ships H1 (untrained); ours equals it."""
     c = [int(64 * m * rb) for m in (1, 2, 4, 8)]
+    block = "self_attn" if rv == 1.0 else partial(ValueWideSelfAttnBlock, value_ratio=rv)
     return ByoModelCfg(
         blocks=tuple(
-            ByoBlockCfg(type="self_attn", d=d, c=ch, s=s, gs=0, br=rv / rb)
+            ByoBlockCfg(type=block, d=d, c=ch, s=s, gs=0, br=1 / rb)
             for d, ch, s in zip((3, 3, l3, 3), c, (1, 2, 2, 2))),
         stem_chs=64,
         stem_type="7x7",
@@ -65,14 +89,16 @@ def _h_cfg(b: int, h: int, rv: float, rb: float, l3: int, df: int = 0) -> ByoMod
     )
 
 
-# name: (b, h, rv, rb, l3, df, image size). H5-H7 (rv > 1) are left out: laid out as below they
-# come to 71M / 109M / 200M parameters, far above the paper's, so this layout is not theirs for rv > 1.
+# name: (b, h, rv, rb, l3, df, image size), the paper's appendix table.
 _H_SERIES = {
     "haloattn_h0": (8, 3, 1.0, 0.5, 7, 0, 256),
     "haloattn_h1": (8, 3, 1.0, 1.0, 10, 0, 256),
     "haloattn_h2": (8, 3, 1.0, 1.25, 11, 0, 256),
     "haloattn_h3": (10, 3, 1.0, 1.5, 12, 1024, 320),
     "haloattn_h4": (12, 2, 1.0, 3.0, 12, 1280, 384),
+    "haloattn_h5": (14, 2, 2.5, 2.0, 23, 1536, 448),
+    "haloattn_h6": (8, 4, 3.0, 2.75, 24, 1536, 512),
+    "haloattn_h7": (10, 3, 4.0, 3.5, 26, 2048, 600),
 }
 
 
@@ -183,3 +209,21 @@ def haloattn_h3(pretrained=False, **kwargs) -> ByobNet:
 def haloattn_h4(pretrained=False, **kwargs) -> ByobNet:
     """HaloNet-H4 (b=12, h=2, rv=1, rb=3, l3=12, df=1280, 384 px). Untrained."""
     return _create_halonet("haloattn_h4", pretrained, **kwargs)
+
+
+@register_model
+def haloattn_h5(pretrained=False, **kwargs) -> ByobNet:
+    """HaloNet-H5 (b=14, h=2, rv=2.5, rb=2, l3=23, df=1536, 448 px). Untrained."""
+    return _create_halonet("haloattn_h5", pretrained, **kwargs)
+
+
+@register_model
+def haloattn_h6(pretrained=False, **kwargs) -> ByobNet:
+    """HaloNet-H6 (b=8, h=4, rv=3, rb=2.75, l3=24, df=1536, 512 px). Untrained."""
+    return _create_halonet("haloattn_h6", pretrained, **kwargs)
+
+
+@register_model
+def haloattn_h7(pretrained=False, **kwargs) -> ByobNet:
+    """HaloNet-H7 (b=10, h=3, rv=4, rb=3.5, l3=26, df=2048, 600 px). Untrained."""
+    return _create_halonet("haloattn_h7", pretrained, **kwargs)

@@ -141,12 +141,30 @@ def test_param_count_is_timms(name, timm_name):
     assert ours == {"attn_halonet26t": 12_480_288, "attn_halonet50ts": 22_733_280, "haloattn_h1": 8_100_056}[name]
 
 
+H_PARAMS = {"haloattn_h0": 5_500_952, "haloattn_h1": 8_100_056, "haloattn_h2": 9_404_312,
+            "haloattn_h3": 11_841_304, "haloattn_h4": 19_101_976, "haloattn_h5": 30_717_272,
+            "haloattn_h6": 43_456_792, "haloattn_h7": 67_433_240}
+
+
 def test_h_series_param_counts():
-    """H0..H4 as laid out here (H1 = timm's halonet_h1)."""
-    counts = {n: sum(p.numel() for p in timm.create_model(n).parameters())
-              for n in ("haloattn_h0", "haloattn_h1", "haloattn_h2", "haloattn_h3", "haloattn_h4")}
-    assert counts == {"haloattn_h0": 5_500_952, "haloattn_h1": 8_100_056, "haloattn_h2": 9_404_312,
-                      "haloattn_h3": 11_841_304, "haloattn_h4": 19_101_976}
+    """H0..H7 as laid out here (H1 = timm's halonet_h1); the paper's table has 5.5, 8.1, 9.4,
+    11.8, 19.1, 30.7 and 67.4M for H0-H5 and H7."""
+    counts = {n: sum(p.numel() for p in timm.create_model(n).parameters()) for n in H_PARAMS}
+    assert counts == H_PARAMS
+
+
+def test_value_wide_block_widens_values_only():
+    """H5's rv = 2.5: q / k keep the bottleneck width, values and the attention output are 2.5x."""
+    model = timm.create_model("haloattn_h5")
+    block = model.stages[2][0]
+    attn = block.self_attn
+    mid = block.conv1_1x1.conv.out_channels
+    assert mid == 256 and attn.q.out_channels == mid
+    assert attn.kv.out_channels == mid + int(mid * 2.5)
+    assert block.conv3_1x1.conv.in_channels == int(mid * 2.5) == block.post_attn.num_features
+    with torch.no_grad():
+        out = block(torch.randn(1, block.conv1_1x1.conv.in_channels, 28, 28))
+    assert out.shape == (1, 512, 14, 14)
 
 
 def test_timm_names_untouched():

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from attnzoo.ops import neighborhood as nbh
 from attnzoo.ops.neighborhood import reference
 
-TOL = {torch.float64: 1e-10, torch.float32: 2e-5}
+TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2}
 
 # (B, H, W, heads, D, block, halo, rpb)
 CASES = [
@@ -85,7 +85,7 @@ def unfold_blocked_attention(q, k, v, block, halo, scale, rel_h=None, rel_w=None
     return o[:, :H, :W]
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_zero_pad_cpu_matches_reference(case, dtype):
     leaves, ks, bs = _inputs(case, dtype)

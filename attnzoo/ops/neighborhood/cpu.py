@@ -585,7 +585,14 @@ def _blocked_na2d(q, k, v, kernel_size, stride, rpb, scale, border, rel_h, rel_w
         x = x.view(B, ngh, sh, ngw, sw, heads, last)
         return x.permute(0, 1, 3, 5, 2, 4, 6)  # [B, ngh, ngw, heads, sh, sw, last]
 
+    if rpb is None and border == "zero_pad" and (ngh - 1) * sh + kh == H + ph0 + ph1 \
+            and (ngw - 1) * sw + kw == W + pw0 + pw1:
+        return _HaloFlash.apply(q, k, v, rel_h, rel_w, (kh, kw), (sh, sw), (ph0, ph1, pw0, pw1), scale)
     qb = blocks(q, D).reshape(B, ngh, ngw, heads, sh * sw, D)
+    if rpb is None:
+        return _blocked_sdpa(qb, kwin, vwin, scale, blocks(rel_h, kh) if rel_h is not None else None,
+                             blocks(rel_w, kw) if rel_w is not None else None,
+                             (kh, kw), (sh, sw), (H, W)).to(q.dtype)
     logits = torch.matmul(qb * scale, kwin.transpose(-1, -2))  # [B, ngh, ngw, heads, sh*sw, kh*kw]
     logits = logits.view(B, ngh, ngw, heads, sh, sw, kh, kw)
     if rpb is not None:
@@ -605,6 +612,113 @@ def _blocked_na2d(q, k, v, kernel_size, stride, rpb, scale, border, rel_h, rel_w
     o = torch.matmul(attn, vwin)  # [B, ngh, ngw, heads, sh*sw, D]
     o = o.view(B, ngh, ngw, heads, sh, sw, D).permute(0, 1, 4, 2, 5, 3, 6).reshape(B, Hp, Wp, heads, D)
     return o[:, :H, :W].to(q.dtype)
+
+
+def _blocked_sdpa(qb, kwin, vwin, scale, rel_h, rel_w, kernel_size, stride, size):
+    """Blocked attention as one fused ``scaled_dot_product_attention`` call (no ``[L, k^2]``
+    logits, probabilities or mask kept for the backward). The per-query relative logits
+    become extra channels: ``rel_h[i, a] + rel_w[i, b]`` is ``[rel_h_i, rel_w_i]`` dotted
+    with the one-hot ``[e_a, e_b]`` of window key ``(a, b)``, so they ride in ``q . k``;
+    padded (zero) keys keep their relative logits, as zero padding implies. Gradients of
+    q, k, v, rel_h and rel_w come from SDPA's backward."""
+    B, ngh, ngw, heads, L, D = qb.shape
+    (kh, kw), (sh, sw), (H, W) = kernel_size, stride, size
+    qs, ks = [qb * scale], [kwin]
+    for rel, n, rows in ((rel_h, kh, True), (rel_w, kw, False)):
+        if rel is not None:
+            qs.append(rel.reshape(B, ngh, ngw, heads, L, n))
+            eye = torch.eye(n, dtype=kwin.dtype)
+            onehot = eye.repeat_interleave(kw, 0) if rows else eye.repeat(kh, 1)  # [kh * kw, n]
+            ks.append(onehot.expand(B, ngh, ngw, heads, kh * kw, n))
+    qa, ka = torch.cat(qs, -1), torch.cat(ks, -1)
+    # the fused CPU kernel (forward and backward) needs one head dim for q, k and v
+    va = F.pad(vwin, (0, qa.shape[-1] - D))
+    n = B * ngh * ngw
+    o = F.scaled_dot_product_attention(qa.reshape(n, heads, L, -1), ka.reshape(n, heads, kh * kw, -1),
+                                       va.reshape(n, heads, kh * kw, -1), scale=1.0)[..., :D]
+    o = o.view(B, ngh, ngw, heads, sh, sw, D).permute(0, 1, 4, 2, 5, 3, 6)
+    return o.reshape(B, ngh * sh, ngw * sw, heads, D)[:, :H, :W]
+
+
+class _HaloFlash(torch.autograd.Function):
+    """Zero-padded blocked attention (HaloNet) on the fused CPU flash-attention kernels.
+
+    Same trick as ``_blocked_sdpa`` (relative logits as extra channels against one-hot
+    key positions), but with the buffers built by hand: q / k / v are copied once into
+    ``[blocks, heads, L, E]`` (windows cut from a zero-padded copy with ``unfold``), the
+    flash forward keeps only the output and its log-sum-exp, and the backward folds the
+    window gradients of K / V back with ``F.fold`` instead of autograd's zero-filled
+    ``unfold`` / ``select`` / ``pad`` backwards."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, rel_h, rel_w, kernel_size, stride, pads, scale):
+        B, H, W, heads, D = q.shape
+        (kh, kw), (sh, sw), (ph0, ph1, pw0, pw1) = kernel_size, stride, pads
+        cdt = _compute_dtype(q.dtype)
+        ngh, ngw = -(-H // sh), -(-W // sw)
+        E = D + (kh if rel_h is not None else 0) + (kw if rel_w is not None else 0)
+
+        def windows(x):  # [B, H, W, heads, D] -> [n, heads, kh * kw, E], channels >= D zero
+            xp = F.pad(x.to(cdt), (0, E - D, 0, 0, pw0, pw1, ph0, ph1))
+            win = xp.unfold(1, kh, sh).unfold(2, kw, sw)  # [B, ngh, ngw, heads, E, kh, kw]
+            return win.permute(0, 1, 2, 3, 5, 6, 4).reshape(B * ngh * ngw, heads, kh * kw, E)
+
+        qa = _to_blocks(q.to(cdt), (sh, sw), E)
+        ka, va = windows(k), windows(v)
+        c = D
+        for rel, n, rows in ((rel_h, kh, True), (rel_w, kw, False)):
+            if rel is not None:  # the kernel scales every channel: pre-divide the relative logits
+                qa[..., c:c + n] = _to_blocks(rel.to(cdt) / scale, (sh, sw), n)
+                eye = torch.eye(n, dtype=cdt)
+                ka[..., c:c + n] = eye.repeat_interleave(kw, 0) if rows else eye.repeat(kh, 1)
+                c += n
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qa, ka, va, scale=scale)
+        ctx.save_for_backward(qa, ka, va, out, lse)
+        ctx.geom = (B, H, W, heads, D, E, kernel_size, stride, pads, scale, q.dtype,
+                    rel_h is not None, rel_w is not None)
+        return _from_blocks(out[..., :D], (B, H, W), (sh, sw)).to(q.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout):
+        qa, ka, va, out, lse = ctx.saved_tensors
+        B, H, W, heads, D, E, (kh, kw), (sh, sw), (ph0, ph1, pw0, pw1), scale, dtype, has_h, has_w = ctx.geom
+        do = _to_blocks(dout.to(qa.dtype), (sh, sw), E)
+        dqa, dka, dva = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            do, qa, ka, va, out, lse, 0.0, False, scale=scale)
+        ngh, ngw = -(-H // sh), -(-W // sw)
+        Hp, Wp = H + ph0 + ph1, W + pw0 + pw1
+
+        def fold(g):  # [n, heads, kh * kw, E] window grads -> [B, H, W, heads, D], overlaps summed
+            g = g[..., :D].reshape(B, ngh, ngw, heads, kh, kw, D).permute(0, 3, 6, 4, 5, 1, 2)
+            g = F.fold(g.reshape(B, heads * D * kh * kw, ngh * ngw), (Hp, Wp), (kh, kw), stride=(sh, sw))
+            return g.view(B, heads, D, Hp, Wp).permute(0, 3, 4, 1, 2)[:, ph0:ph0 + H, pw0:pw0 + W].to(dtype)
+
+        size = (B, H, W)
+        dq = _from_blocks(dqa[..., :D], size, (sh, sw)).to(dtype)
+        drh = (_from_blocks(dqa[..., D:D + kh], size, (sh, sw)) / scale).to(dtype) if has_h else None
+        c = D + (kh if has_h else 0)
+        drw = (_from_blocks(dqa[..., c:c + kw], size, (sh, sw)) / scale).to(dtype) if has_w else None
+        return dq, fold(dka), fold(dva), drh, drw, None, None, None, None
+
+
+def _to_blocks(x, stride, E):
+    """[B, H, W, heads, c] -> query blocks [B * ngh * ngw, heads, sh * sw, E] (zero-padded map and channels)."""
+    B, H, W, heads, c = x.shape
+    sh, sw = stride
+    ngh, ngw = -(-H // sh), -(-W // sw)
+    x = F.pad(x, (0, E - c, 0, 0, 0, ngw * sw - W, 0, ngh * sh - H))
+    x = x.view(B, ngh, sh, ngw, sw, heads, E).permute(0, 1, 3, 5, 2, 4, 6)
+    return x.reshape(B * ngh * ngw, heads, sh * sw, E)
+
+
+def _from_blocks(x, size, stride):
+    """Inverse of ``_to_blocks`` for ``[n, heads, sh * sw, c]``, cropped to ``size`` = (B, H, W)."""
+    (B, H, W), (sh, sw) = size, stride
+    ngh, ngw = -(-H // sh), -(-W // sw)
+    heads, c = x.shape[1], x.shape[-1]
+    x = x.reshape(B, ngh, ngw, heads, sh, sw, c).permute(0, 1, 4, 2, 5, 3, 6)
+    return x.reshape(B, ngh * sh, ngw * sw, heads, c)[:, :H, :W]
 
 
 def na2d(q: Tensor, k: Tensor, v: Tensor, kernel_size: Tuple[int, int], dilation: Tuple[int, int],
