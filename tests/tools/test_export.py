@@ -181,3 +181,22 @@ def test_tiny_model_exports_with_dynamo_exporter(name, tmp_path):
     s = export_onnx.main(["--model", name, "--img-size", "64", "--dynamo", "--opset", "18",
                           "--out", str(tmp_path / f"{name}.onnx")])
     assert s["ok"] and s["exporter"] == "dynamo"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", TINY)
+def test_tiny_model_trains_compiled(name):
+    """A training step through torch.compile(fullgraph=True) (aot_eager: dynamo and AOTAutograd,
+    no codegen) gives eager's output and gradients."""
+    torch._dynamo.reset()
+    model = export_onnx.perturb(timm.create_model(name)).train()
+    x = torch.randn(2, 3, 64, 48)
+    runs = []
+    for fn in (model, torch.compile(model, fullgraph=True, backend="aot_eager")):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(0)  # the same drop-path draws in both runs
+        out = fn(x)
+        out.square().mean().backward()
+        runs.append([out.detach()] + [p.grad.clone() for p in model.parameters()])
+    for got, want in zip(*reversed(runs)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
