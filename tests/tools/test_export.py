@@ -71,6 +71,20 @@ def test_export_fixes_hw_when_the_graph_bakes_the_size_in(tmp_path, monkeypatch)
     assert [r["check"] for r in s["checks"]] == ["export input", "dynamic batch"]
 
 
+def test_export_fixes_hw_when_the_dynamic_export_fails(tmp_path, monkeypatch):
+    """The TorchScript exporter cannot size adaptive pooling of a map with dynamic H/W
+    (Agent attention pools its queries): the tool falls back to a fixed size."""
+
+    class Pooled(torch.nn.Module):
+        def forward(self, x):
+            return torch.nn.functional.adaptive_avg_pool2d(x, 4).flatten(1)
+
+    monkeypatch.setattr(export_onnx.C, "create_model", lambda *a, **k: Pooled())
+    monkeypatch.setattr(export_onnx.C, "check_model_name", lambda name: None)
+    s = export_onnx.main(["--model", "pooled", "--img-size", "64", "--out", str(tmp_path / "p.onnx")])
+    assert s["ok"] and not s["dynamic_hw"] and "dynamic export failed" in s["note"]
+
+
 def test_perturb_switches_every_branch_on():
     model = timm.create_model(TINY[0])
     export_onnx.perturb(model)
