@@ -13,6 +13,11 @@ re-exported with a fixed size.
 The ops' fast backends (custom autograd Functions, Triton) cannot be traced; while an
 export runs, ``attnzoo.ops._dispatch`` routes every op to its plain-torch reference.
 
+Exporter: the TorchScript tracer (fast). If its graph cannot be exported or fails a check
+even with a fixed size (traced ``-(-H // n)`` becomes ONNX's truncating Div; adaptive
+pooling of a map whose batch is dynamic), the model is exported again with the
+torch.export-based exporter (opset >= 18), which keeps Python's shape semantics.
+
 Parity: ``max |ort - torch| / max |torch|`` over the logits of each checked input,
 which must be <= ``--tol`` (1e-4). Without ``--checkpoint`` the random init is perturbed
 first (``perturb``): zero-initialised residual gammas, layer scales of 1e-5 and zero
@@ -44,11 +49,12 @@ def parse_args(argv=None):
     p.add_argument("--num-classes", type=int, default=None)
     p.add_argument("--checkpoint", default=None, help="weights to export (safetensors / .pth, read safely)")
     p.add_argument("--no-perturb", action="store_true", help="export the random init as it is")
-    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--opset", type=int, default=17, help="at least 18 with the dynamo exporter")
     p.add_argument("--out", default=None, help="default: output/onnx/<model>.onnx")
     p.add_argument("--static-size", action="store_true", help="fix H and W (the batch stays dynamic)")
     p.add_argument("--dynamo", action="store_true",
-                   help="torch.export-based exporter (slower to export; default: the TorchScript tracer)")
+                   help="torch.export-based exporter (slower; default: the TorchScript tracer, then this "
+                        "exporter if the tracer's graph fails)")
     p.add_argument("--tol", type=float, default=1e-4, help="max relative error allowed")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -79,6 +85,8 @@ def export(model, x, path, opset=17, dynamic_hw=True, dynamo=False):
         warnings.simplefilter("ignore")
         if dynamo:
             from torch.export import Dim
+            # its translations start at opset 18; converting down fails (Pad has no adapter to 17)
+            opset = max(opset, 18)
             axes = {0: Dim.DYNAMIC, 2: Dim.DYNAMIC, 3: Dim.DYNAMIC} if dynamic_hw else {0: Dim.DYNAMIC}
             prog = torch.onnx.export(model, (x,), dynamo=True, opset_version=opset, input_names=["input"],
                                      output_names=["output"], dynamic_shapes=(axes,))
@@ -104,6 +112,10 @@ def compare(model, session, x):
     return err, err / max(float(np.abs(ref).max()), 1e-12)
 
 
+def _first_line(e: Exception) -> str:
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+
+
 def _session(path):
     import onnxruntime as ort
     opts = ort.SessionOptions()
@@ -119,8 +131,7 @@ def _check(model, session, name, shape, tol):
     try:
         abs_err, rel_err = compare(model, session, x)
     except Exception as e:  # onnxruntime rejects a baked-in size with an index / reshape error
-        return dict(row, max_abs_err=float("nan"), max_rel_err=float("nan"), ok=False,
-                    error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        return dict(row, max_abs_err=float("nan"), max_rel_err=float("nan"), ok=False, error=_first_line(e))
     return dict(row, max_abs_err=abs_err, max_rel_err=rel_err, ok=rel_err <= tol)
 
 
@@ -142,31 +153,57 @@ def run(args):
     if size - 31 >= 64:  # and a smaller one: Python-side padding of small maps is baked in too
         others.append((size - 31, size - 17))
 
-    def attempt(dynamic_hw):
+    def attempt(dynamic_hw, dynamo):
         """Export, then check: (export seconds, rows); an exporter error raises."""
         t0 = time.perf_counter()
-        export(model, x, out, args.opset, dynamic_hw, args.dynamo)
+        export(model, x, out, args.opset, dynamic_hw, dynamo)
         seconds = time.perf_counter() - t0
         session = _session(out)
         shapes = [("export input", (B, 3, size, size)), ("dynamic batch", (B + 1, 3, size, size))]
         shapes += [("dynamic H/W", (1, 3) + o) for o in others] if dynamic_hw else []
         return seconds, [_check(model, session, name, shape, args.tol) for name, shape in shapes]
 
-    dynamic_hw, note = not args.static_size, ""
-    if dynamic_hw:
-        try:
-            export_s, rows = attempt(True)
-            bad = next((r for r in rows if not r["ok"]), None)
-            if bad is not None:
+    def first_problem(rows):
+        bad = next((r for r in rows if not r["ok"]), None)
+        return None if bad is None else f"at {bad['input']}: " + bad.get("error", f"max rel err {bad['max_rel_err']:.2e}")
+
+    def export_and_check(dynamo):
+        """Dynamic H/W if that exports and passes every check, else fixed: (dynamic_hw, seconds, rows, notes)."""
+        notes = []
+        if not args.static_size:
+            try:
+                seconds, rows = attempt(True, dynamo)
+                problem = first_problem(rows)
+                if problem is None:
+                    return True, seconds, rows, notes
                 # the graph holds the export size somewhere, or traced shape arithmetic differs
-                # from Python's (ONNX integer Div truncates, Python's // floors)
-                note = f"H/W fixed, at {bad['input']}: " + bad.get("error", f"max rel err {bad['max_rel_err']:.2e}")
-        except Exception as e:  # e.g. the TorchScript exporter cannot size adaptive pooling of a dynamic map
-            note = f"H/W fixed, dynamic export failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
-        dynamic_hw = not note
-    if not dynamic_hw:
-        export_s, rows = attempt(False)
-    return dict(model=args.model, path=str(out), opset=args.opset, exporter="dynamo" if args.dynamo else "torchscript",
+                # from Python's (ONNX integer Div truncates where Python's // floors)
+                notes.append(f"H/W fixed, {problem}")
+            except Exception as e:  # e.g. the TorchScript exporter cannot size adaptive pooling of a dynamic map
+                notes.append(f"H/W fixed, the dynamic export failed: {_first_line(e)}")
+        seconds, rows = attempt(False, dynamo)
+        return False, seconds, rows, notes
+
+    dynamo = args.dynamo
+    try:
+        dynamic_hw, export_s, rows, notes = export_and_check(dynamo)
+        problem = first_problem(rows)
+    except Exception as e:
+        if dynamo:
+            raise
+        problem = f"export failed: {_first_line(e)}"
+    if problem is not None and not dynamo:
+        # what the tracer cannot express (shape arithmetic, adaptive pooling of a map of unknown
+        # size), torch.export's symbolic shapes usually can: slower, but it exports
+        dynamo = True
+        tracer_problem = f"TorchScript exporter: {problem}; used the dynamo exporter"
+        dynamic_hw, export_s, rows, notes = export_and_check(True)
+        notes.insert(0, tracer_problem)
+    note = "\n  ".join(notes)
+    import onnx
+    opset = min(o.version for o in onnx.load(str(out), load_external_data=False).opset_import
+                if o.domain in ("", "ai.onnx"))
+    return dict(model=args.model, path=str(out), opset=opset, exporter="dynamo" if dynamo else "torchscript",
                 img_size=size, dynamic_batch=True, dynamic_hw=dynamic_hw, note=note, export_s=export_s,
                 max_rel_err=max(r["max_rel_err"] for r in rows), ok=all(r["ok"] for r in rows), checks=rows)
 

@@ -85,6 +85,22 @@ def test_export_fixes_hw_when_the_dynamic_export_fails(tmp_path, monkeypatch):
     assert s["ok"] and not s["dynamic_hw"] and "dynamic export failed" in s["note"]
 
 
+def test_export_falls_back_to_the_dynamo_exporter(tmp_path, monkeypatch):
+    """Ceil division written ``-(-H // n)`` (BiFormer's region grid) traces into ONNX's truncating
+    Div, wrong even at the export size: the tool re-exports with torch.export's exporter."""
+
+    class CeilDiv(torch.nn.Module):
+        def forward(self, x):
+            n = -(-x.shape[2] // 3)
+            return x[:, :, :n].mean((2, 3)) * n
+
+    monkeypatch.setattr(export_onnx.C, "create_model", lambda *a, **k: CeilDiv())
+    monkeypatch.setattr(export_onnx.C, "check_model_name", lambda name: None)
+    s = export_onnx.main(["--model", "ceil", "--img-size", "64", "--out", str(tmp_path / "c.onnx")])
+    assert s["ok"] and s["exporter"] == "dynamo" and s["opset"] >= 18
+    assert s["note"].startswith("TorchScript exporter: at 2x3x64x64")
+
+
 def test_perturb_switches_every_branch_on():
     model = timm.create_model(TINY[0])
     export_onnx.perturb(model)
