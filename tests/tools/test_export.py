@@ -228,5 +228,9 @@ def test_tiny_model_trains_compiled(name):
         out = fn(x)
         out.square().mean().backward()
         runs.append([out.detach()] + [p.grad.clone() for p in model.parameters()])
-    for got, want in zip(*reversed(runs)):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+    # gradients against the largest one: a parameter whose true gradient is zero (a bias a
+    # normalisation cancels) holds only rounding noise, which no relative tolerance matches
+    gscale = max(g.abs().max().item() for g in runs[0][1:])
+    for i, (got, want) in enumerate(zip(*reversed(runs))):
+        scale = want.abs().max().item() if i == 0 else gscale
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * scale)
