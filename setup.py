@@ -6,8 +6,9 @@ MM = [
     "mmengine==0.10.7", "mmcv-lite==2.1.0", "mmdet==3.3.0", "mmsegmentation==1.2.2",
     "pycocotools", "ftfy", "regex", "setuptools<81",
 ]
-TEST = ["pytest", "pytest-xdist", "hypothesis", *MM]  # CI (".[test]") runs the detection/segmentation tests too
+ONNX = ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript"]  # onnxscript: torch's dynamo exporter (--dynamo)
 TRAIN = ["albumentations>=2"]  # tools/train.py --aug albumentations
+TEST = ["pytest", "pytest-xdist", "hypothesis", *MM, *ONNX, *TRAIN]  # CI (".[test]") runs the mm, ONNX and training tests
 
 setup(
     name="attnzoo",
@@ -22,6 +23,6 @@ setup(
         "scikit-learn",  # ships the digits set that train/validate use by default
         "matplotlib",  # training curves
     ],
-    extras_require={"mm": MM, "test": TEST + TRAIN, "train": TRAIN, "all": TEST + TRAIN},
+    extras_require={"mm": MM, "onnx": ONNX, "train": TRAIN, "test": TEST, "all": TEST},
     license="MIT",
 )

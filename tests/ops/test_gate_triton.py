@@ -353,3 +353,37 @@ def test_public_gate_no_grad(op):
     mods = copy.deepcopy(mods_ref).to(DEVICE)
     with torch.no_grad():
         _check(GATES[op](x, mods, "triton"), GATES[op](x_ref, mods_ref, "reference"), torch.float64, "out")
+
+
+# --------------------------------------------------------------------------- torch.compile
+
+@kernel_test
+@pytest.mark.parametrize("op", list(GATES))
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_compile_traces_the_custom_ops(monkeypatch, op, layout):
+    """torch.compile(fullgraph=True) of a gate with backend="triton": the gate is composed from
+    the primitives' custom ops (the fused Function cannot be traced), and its output and every
+    gradient equal the eager reference's."""
+    calls = []
+    for name in ("pool_channels", "pool_spatial", "scale"):
+        monkeypatch.setattr(tri, name, lambda *a, _f=getattr(tri, name), _n=name: calls.append(_n) or _f(*a))
+    shape = (2, 33, 11, 6)
+    x, x_ref, g = _map(shape, layout, torch.float64, op, "compile")
+    mods_ref = _gate_modules(shape[1], zlib.crc32(op.encode())).double()
+    mods = copy.deepcopy(mods_ref).to(DEVICE)
+    state = g.get_state()
+    torch._dynamo.reset()
+    compiled = torch.compile(GATES[op], fullgraph=True, backend="aot_eager")
+    g.set_state(state)  # the same upstream gradient for both runs
+    out = compiled(x, mods, "triton")
+    _backward([out], g)
+    got = {"out": out, "dx": x.grad}
+    g.set_state(state)
+    want = _gate_run(op, x_ref, mods_ref, "reference", g)
+    for prefix in GATE_PARAMS[op]:
+        for name, p in mods[prefix].named_parameters():
+            got[f"{prefix}.{name}.grad"] = p.grad
+    assert calls and set(calls) <= {"pool_channels", "pool_spatial", "scale"}  # the kernels ran
+    assert got.keys() == want.keys()
+    for k in want:
+        _check(got[k], want[k], torch.float64, k)

@@ -434,6 +434,8 @@ def test_dispatch(monkeypatch):
 
 
 def test_import_and_cpu_call_never_import_the_triton_backend():
+    # with CUDA the package imports it up front, which registers its custom ops for torch.compile
     code = ("import sys, torch; from attnzoo.ops.neighborhood import na2d; x = torch.randn(1, 7, 7, 1, 4); "
-            "na2d(x, x, x, 3); assert 'attnzoo.ops.neighborhood.triton' not in sys.modules")
+            "na2d(x, x, x, 3); "
+            "assert torch.cuda.is_available() or 'attnzoo.ops.neighborhood.triton' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])

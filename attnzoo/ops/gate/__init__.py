@@ -14,6 +14,11 @@ Backends:
   (so BN statistics update once) and needs three passes: the two scale
   reductions of ``dy * x``, the channel-scale term of the spatial pool, and one
   write of ``dx`` that sums every path.
+
+Under a graph capture (ONNX export, ``torch.export``, ``torch.compile``) the dispatch
+takes the reference, or under ``torch.compile`` the Triton backend, whose three primitives
+are custom ops: the gate is then composed from them as the reference composes its own,
+since ``_FusedGate`` keeps the learned gate callables in its ctx and cannot be traced.
 """
 import contextlib
 from typing import Callable, Optional, Sequence
@@ -61,13 +66,14 @@ def _spatial_logits(op, gate_fn, pooled):
     return logits[:, 0]
 
 
-def _reference(op, x, channel_fn, use_max, spatial_fn):
+def _reference(op, x, channel_fn, use_max, spatial_fn, prims=reference):
+    """The gate composed from a backend's three primitives (``prims``), under autograd."""
     cs = ss = None
     if channel_fn is not None:
-        cs = torch.sigmoid(_channel_logits(op, channel_fn, *reference.channel_pool(x, use_max)))
+        cs = torch.sigmoid(_channel_logits(op, channel_fn, *prims.channel_pool(x, use_max)))
     if spatial_fn is not None:
-        ss = torch.sigmoid(_spatial_logits(op, spatial_fn, reference.spatial_pool(x, cs)))
-    return reference.gate_scale(x, cs, ss)
+        ss = torch.sigmoid(_spatial_logits(op, spatial_fn, prims.spatial_pool(x, cs)))
+    return prims.gate_scale(x, cs, ss)
 
 
 class _NoCtx:
@@ -138,6 +144,10 @@ def _gate(op, x, channel_fn, use_max, spatial_fn, backend, channel_params=(), sp
     chosen = _dispatch.choose_backend(op, BACKENDS, [x], backend)
     if chosen.name == "reference":
         return _reference(op, x, channel_fn, use_max, spatial_fn)
+    if _dispatch.capturing() is not None:
+        # a fast backend under a graph capture (Triton under torch.compile): its primitives are
+        # custom ops; _FusedGate, which keeps the gate callables in its ctx, cannot be traced
+        return _reference(op, x, channel_fn, use_max, spatial_fn, prims=chosen.impl)
     ch = _trainable(channel_fn, channel_params) if channel_fn is not None else []
     sp = _trainable(spatial_fn, spatial_params) if spatial_fn is not None else []
     if not torch.is_grad_enabled() or not (x.requires_grad or ch or sp):

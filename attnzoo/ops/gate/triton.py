@@ -5,8 +5,8 @@ Two layers share the kernels:
 - the raw passes that ``__init__``'s fused gate Function drives, with the same
   contract as ``cpu.py``: ``pool_channels``, ``pool_spatial``, ``scale``,
   ``scale_grads``, ``pool_spatial_cs_grad``, ``input_grad``;
-- the primitives of ``reference.py`` as differentiable Functions:
-  ``channel_pool``, ``spatial_pool``, ``gate_scale``.
+- the primitives of ``reference.py`` as differentiable ``torch.library`` custom ops
+  (traceable by ``torch.compile``): ``channel_pool``, ``spatial_pool``, ``gate_scale``.
 
 Every kernel sees a feature map as ``[B, C, HW]`` plus its three strides, so NCHW
 and channels_last maps are read in place; only a map whose H and W cannot merge
@@ -15,13 +15,15 @@ outputs keep the map's dtype. The max reductions return an int32 argmax, so
 their gradients need no second look at the activations.
 
 Layers, as in flash-linear-attention: ``@triton.jit`` kernels, host launchers
-(the raw passes), ``torch.autograd.Function``s, public functions.
+(the raw passes), custom ops with their autograd, public functions.
 """
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
+
+from .. import _dispatch
 
 __all__ = [
     "channel_pool", "spatial_pool", "gate_scale",
@@ -401,78 +403,171 @@ def _check(x: torch.Tensor, cscale=None, sscale=None) -> None:
             raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
 
 
-class _ChannelPool(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, with_max):
-        _check(x)
-        avg, mx, idx = pool_channels(x, with_max)
-        ctx.save_for_backward(idx)
-        ctx.like = (x.shape, x.dtype, x.device, _memory_format(x))
-        # an unused output's gradient arrives as None instead of a zero map
-        ctx.set_materialize_grads(False)
-        return avg, mx
+# The primitives run behind ``torch.library`` custom ops with fake (shape) and autograd
+# registrations, so ``torch.compile`` traces them as opaque nodes: under a compile, the
+# gates are composed from these primitives (``__init__``), since the fused Function keeps
+# the learned gate callables in its ctx. ``custom_op`` rather than ``triton_op``: the
+# launchers' host code need not be traceable, and the ops also run under TRITON_INTERPRET=1
+# on CPU, where they are tested. Custom ops return no None: an absent output is empty.
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, davg, dmax):
-        (idx,) = ctx.saved_tensors
-        dmax = dmax if idx is not None else None
-        if davg is None and dmax is None:
-            return None, None
-        return _input_grad(*ctx.like, None, None, None, davg, dmax, idx, None, None), None
+Tensor = torch.Tensor
 
 
-class _SpatialPool(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, cscale):
-        _check(x, cscale)
-        out, idx = pool_spatial(x, cscale)
-        ctx.save_for_backward(x, cscale, idx)
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dout):
-        x, cscale, idx = ctx.saved_tensors
-        dx = dcs = None
-        if ctx.needs_input_grad[0]:
-            dx = _input_grad(x.shape, x.dtype, x.device, _memory_format(x),
-                             None, cscale, None, None, None, None, dout, idx)
-        if cscale is not None and ctx.needs_input_grad[1]:
-            dcs = pool_spatial_cs_grad(x, dout, idx).to(cscale.dtype)
-        return dx, dcs
+def _empty(like: torch.Tensor, dtype=None) -> torch.Tensor:
+    return like.new_empty((0,), dtype=dtype)
 
 
-class _GateScale(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, cscale, sscale):
-        _check(x, cscale, sscale)
-        ctx.save_for_backward(x, cscale, sscale)
-        return scale(x, cscale, sscale)
+@torch.library.custom_op("attnzoo::gate_channel_pool", mutates_args=())
+def _channel_pool_op(x: Tensor, with_max: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    avg, mx, idx = pool_channels(x, with_max)
+    return avg, (mx if with_max else _empty(x)), (idx if with_max else _empty(x, torch.int32))
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy):
-        x, cscale, sscale = ctx.saved_tensors
-        need_dx = ctx.needs_input_grad[0]
-        need_cs = cscale is not None and ctx.needs_input_grad[1]
-        need_ss = sscale is not None and ctx.needs_input_grad[2]
-        if not (need_dx or need_cs or need_ss):
-            return None, None, None
-        dx, dcs, dss = _scale_backward(dy, x, cscale, sscale, need_dx, need_cs, need_ss)
-        return dx, (None if dcs is None else dcs.to(cscale.dtype)), (None if dss is None else dss.to(sscale.dtype))
+
+@_channel_pool_op.register_fake
+def _(x, with_max):
+    B, C = x.shape[:2]
+    if not with_max:
+        return x.new_empty((B, C)), _empty(x), _empty(x, torch.int32)
+    return x.new_empty((B, C)), x.new_empty((B, C)), x.new_empty((B, C), dtype=torch.int32)
+
+
+@torch.library.custom_op("attnzoo::gate_input_grad", mutates_args=())
+def _input_grad_op(shape: List[int], dtype: torch.dtype, channels_last: bool, dy: Optional[Tensor],
+                   cscale: Optional[Tensor], sscale: Optional[Tensor], davg: Optional[Tensor], dmax: Optional[Tensor],
+                   cidx: Optional[Tensor], dpooled: Optional[Tensor], sidx: Optional[Tensor]) -> Tensor:
+    device = next(t.device for t in (dy, davg, dmax, dpooled) if t is not None)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return _input_grad(tuple(shape), dtype, device, fmt, dy, cscale, sscale, davg, dmax, cidx, dpooled, sidx)
+
+
+@_input_grad_op.register_fake
+def _(shape, dtype, channels_last, dy, cscale, sscale, davg, dmax, cidx, dpooled, sidx):
+    device = next(t.device for t in (dy, davg, dmax, dpooled) if t is not None)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty(shape, dtype=dtype, device=device, memory_format=fmt)
+
+
+def _setup_channel_pool(ctx, inputs, output):
+    x, with_max = inputs
+    ctx.save_for_backward(output[2] if with_max else None)
+    ctx.like = (list(x.shape), x.dtype, _memory_format(x) == torch.channels_last, with_max)
+
+
+def _channel_pool_backward(ctx, davg, dmax, _didx):
+    (idx,) = ctx.saved_tensors
+    shape, dtype, cl, with_max = ctx.like
+    dmax = dmax if with_max else None
+    if davg is None and dmax is None:
+        return None, None
+    return _input_grad_op(shape, dtype, cl, None, None, None, davg, dmax, idx, None, None), None
+
+
+_channel_pool_op.register_autograd(_channel_pool_backward, setup_context=_setup_channel_pool)
+
+
+@torch.library.custom_op("attnzoo::gate_spatial_pool", mutates_args=())
+def _spatial_pool_op(x: Tensor, cscale: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    return pool_spatial(x, cscale)
+
+
+@_spatial_pool_op.register_fake
+def _(x, cscale):
+    B, _, H, W = x.shape
+    return x.new_empty((B, 2, H, W)), x.new_empty((B, H * W), dtype=torch.int32)
+
+
+@torch.library.custom_op("attnzoo::gate_spatial_cs_grad", mutates_args=())
+def _spatial_cs_grad_op(x: Tensor, dpooled: Tensor, idx: Tensor) -> Tensor:
+    return pool_spatial_cs_grad(x, dpooled, idx)
+
+
+@_spatial_cs_grad_op.register_fake
+def _(x, dpooled, idx):
+    return x.new_empty(x.shape[:2])
+
+
+def _setup_spatial_pool(ctx, inputs, output):
+    x, cscale = inputs
+    ctx.save_for_backward(x, cscale, output[1])
+
+
+def _spatial_pool_backward(ctx, dout, _didx):
+    x, cscale, idx = ctx.saved_tensors
+    dx = dcs = None
+    if ctx.needs_input_grad[0]:
+        dx = _input_grad_op(list(x.shape), x.dtype, _memory_format(x) == torch.channels_last,
+                            None, cscale, None, None, None, None, dout, idx)
+    if cscale is not None and ctx.needs_input_grad[1]:
+        dcs = _spatial_cs_grad_op(x, dout, idx).to(cscale.dtype)
+    return dx, dcs
+
+
+_spatial_pool_op.register_autograd(_spatial_pool_backward, setup_context=_setup_spatial_pool)
+
+
+@torch.library.custom_op("attnzoo::gate_scale", mutates_args=())
+def _gate_scale_op(x: Tensor, cscale: Optional[Tensor], sscale: Optional[Tensor]) -> Tensor:
+    return scale(x, cscale, sscale)
+
+
+def _like_flat(t: torch.Tensor) -> torch.Tensor:
+    """An empty tensor laid out as the launchers lay out an output like ``t`` (``_flat`` may copy)."""
+    t = _flat(t)[0]
+    return torch.empty_like(t, memory_format=_memory_format(t))
+
+
+@_gate_scale_op.register_fake
+def _(x, cscale, sscale):
+    return _like_flat(x)
+
+
+@torch.library.custom_op("attnzoo::gate_scale_backward", mutates_args=())
+def _gate_scale_bwd_op(dy: Tensor, x: Tensor, cscale: Optional[Tensor], sscale: Optional[Tensor], need_dx: bool,
+                       need_cs: bool, need_ss: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    dx, dcs, dss = _scale_backward(dy, x, cscale, sscale, need_dx, need_cs, need_ss)
+    return (dx if need_dx else _empty(x), dcs.to(cscale.dtype) if need_cs else _empty(x),
+            dss.to(sscale.dtype) if need_ss else _empty(x))
+
+
+@_gate_scale_bwd_op.register_fake
+def _(dy, x, cscale, sscale, need_dx, need_cs, need_ss):
+    B, C, H, W = x.shape
+    return (_like_flat(dy) if need_dx else _empty(x), cscale.new_empty((B, C)) if need_cs else _empty(x),
+            sscale.new_empty((B, H, W)) if need_ss else _empty(x))
+
+
+def _setup_gate_scale(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _gate_scale_backward(ctx, dy):
+    x, cscale, sscale = ctx.saved_tensors
+    need_dx = ctx.needs_input_grad[0]
+    need_cs = cscale is not None and ctx.needs_input_grad[1]
+    need_ss = sscale is not None and ctx.needs_input_grad[2]
+    if not (need_dx or need_cs or need_ss):
+        return None, None, None
+    dx, dcs, dss = _gate_scale_bwd_op(dy, x, cscale, sscale, need_dx, need_cs, need_ss)
+    return (dx if need_dx else None), (dcs if need_cs else None), (dss if need_ss else None)
+
+
+_gate_scale_op.register_autograd(_gate_scale_backward, setup_context=_setup_gate_scale)
+_dispatch.register_compile_traceable(__name__)
 
 
 # --------------------------------------------------------------------------- public
 
 def channel_pool(x: torch.Tensor, with_max: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Mean (and max) of ``x`` over H, W: ``([B, C], [B, C] or None)``."""
-    return _ChannelPool.apply(x, with_max)
+    _check(x)
+    avg, mx, _ = _channel_pool_op(x, with_max)
+    return avg, (mx if with_max else None)
 
 
 def spatial_pool(x: torch.Tensor, cscale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``[max_c, mean_c]`` of ``x * cscale[:, :, None, None]`` as ``[B, 2, H, W]``, never forming the product."""
-    return _SpatialPool.apply(x, cscale)
+    _check(x, cscale)
+    return _spatial_pool_op(x, cscale)[0]
 
 
 def gate_scale(
@@ -483,4 +578,5 @@ def gate_scale(
     """``x * cscale[:, :, None, None] * sscale[:, None]``; either scale may be None."""
     if cscale is None and sscale is None:
         return x  # as the reference: nothing to scale
-    return _GateScale.apply(x, cscale, sscale)
+    _check(x, cscale, sscale)
+    return _gate_scale_op(x, cscale, sscale)

@@ -21,6 +21,7 @@ HaloNet's blocked attention (``border="zero_pad"``, per-query relative logits
 ``border, rel_h, rel_w``; a backend module that implements them sets
 ``SUPPORTS_HALO = True`` (reference and cpu do; triton is refused without it).
 """
+import dataclasses
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -135,7 +136,7 @@ def _halo_backends():
                 if reason is None and not getattr(_b.impl, "SUPPORTS_HALO", False):
                     reason = _NO_HALO
                 return reason
-            b = _dispatch.Backend(b.name, b.impl, can_run)
+            b = dataclasses.replace(b, can_run=can_run)
         out.append(b)
     return out
 

@@ -60,12 +60,12 @@ Low precision: ``P`` and ``dS`` are cast to the input dtype for their matmuls (a
 FlashAttention); everything else is fp32. fp32 matmuls honour
 ``torch.backends.cuda.matmul.allow_tf32`` (off by default, so IEEE fp32).
 
-Layers, as ``gate/triton.py``: ``@triton.jit`` kernels, host launchers,
-``torch.autograd.Function``, public ``na2d``.
+Layers, as ``gate/triton.py``: ``@triton.jit`` kernels, host launchers, ``torch.library``
+custom ops with fake and autograd registrations (traceable by ``torch.compile``), public ``na2d``.
 """
 import bisect
 from functools import lru_cache
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import triton
@@ -607,30 +607,81 @@ def backward(do, q, k, v, out, lse, kernel_size, dilation, stride, rpb, scale,
     return dq, dk, dv, drpb, drel_h, drel_w
 
 
-# --------------------------------------------------------------------------- autograd
+# --------------------------------------------------------------------------- custom ops
+# The kernels run behind two ``torch.library`` custom ops with fake (shape) and autograd
+# registrations, so ``torch.compile`` traces ``na2d`` as two opaque nodes instead of
+# breaking the graph on the host code (tiling plans, launches). ``custom_op`` rather than
+# ``triton_op``: the launchers' host code (lru-cached plans, int32 tables) need not be
+# traceable, and the same ops run under TRITON_INTERPRET=1 on CPU, where they are tested.
+# Outputs a caller did not ask for are returned as empty tensors (custom ops return no None).
 
-class _NA2D(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, rpb, rel_h, rel_w, kernel_size, dilation, stride, scale, border):
-        out, lse = forward(q, k, v, kernel_size, dilation, stride, rpb, scale, border, rel_h, rel_w)
-        ctx.save_for_backward(q, k, v, rpb, rel_h, rel_w, out, lse)
-        ctx.geometry = (kernel_size, dilation, stride, scale, border)
-        return out
+Tensor = torch.Tensor
+_NONE = (0,)
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, do):
-        q, k, v, rpb, rel_h, rel_w, out, lse = ctx.saved_tensors
-        need_q, need_k, need_v, need_rpb, need_rh, need_rw = ctx.needs_input_grad[:6]
-        if not (need_q or need_k or need_v or need_rpb or need_rh or need_rw):
-            return (None,) * 11
-        kernel_size, dilation, stride, scale, border = ctx.geometry
-        dq, dk, dv, drpb, drh, drw = backward(do, q, k, v, out, lse, kernel_size, dilation, stride, rpb, scale,
-                                              need_dkv=need_k or need_v, need_drpb=need_rpb, border=border,
-                                              rel_h=rel_h, rel_w=rel_w, need_drel=need_rh or need_rw)
-        return (dq if need_q else None, dk if need_k else None, dv if need_v else None,
-                drpb if need_rpb else None, drh if need_rh else None, drw if need_rw else None,
-                None, None, None, None, None)
+
+def _or_empty(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty(_NONE) if t is None else t
+
+
+@torch.library.custom_op("attnzoo::na2d_triton_fwd", mutates_args=())
+def _na2d_fwd_op(q: Tensor, k: Tensor, v: Tensor, rpb: Optional[Tensor], rel_h: Optional[Tensor],
+                 rel_w: Optional[Tensor], kernel_size: List[int], dilation: List[int], stride: List[int],
+                 scale: float, border: str) -> Tuple[Tensor, Tensor]:
+    return forward(q, k, v, tuple(kernel_size), tuple(dilation), tuple(stride), rpb, scale, border, rel_h, rel_w)
+
+
+@_na2d_fwd_op.register_fake
+def _(q, k, v, rpb, rel_h, rel_w, kernel_size, dilation, stride, scale, border):
+    B, H, W, NH, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((B, H, W, NH), dtype=_acc_dtype(q.dtype)[1])
+
+
+@torch.library.custom_op("attnzoo::na2d_triton_bwd", mutates_args=())
+def _na2d_bwd_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, rpb: Optional[Tensor],
+                 rel_h: Optional[Tensor], rel_w: Optional[Tensor], kernel_size: List[int], dilation: List[int],
+                 stride: List[int], scale: float, border: str, need_dkv: bool, need_drpb: bool,
+                 need_drel: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    grads = backward(do, q, k, v, out, lse, tuple(kernel_size), tuple(dilation), tuple(stride), rpb, scale,
+                     need_dkv=need_dkv, need_drpb=need_drpb, border=border, rel_h=rel_h, rel_w=rel_w,
+                     need_drel=need_drel)
+    return tuple(_or_empty(g, q) for g in grads)
+
+
+@_na2d_bwd_op.register_fake
+def _(do, q, k, v, out, lse, rpb, rel_h, rel_w, kernel_size, dilation, stride, scale, border,
+      need_dkv, need_drpb, need_drel):
+    B, H, W, NH, _ = q.shape
+    empty = q.new_empty(_NONE)
+    dk = q.new_empty(q.shape, dtype=k.dtype) if need_dkv else empty
+    dv = q.new_empty(q.shape, dtype=v.dtype) if need_dkv else empty
+    drpb = rpb.new_empty(rpb.shape) if rpb is not None and need_drpb else empty
+    need_drel = need_drel and (rel_h is not None or rel_w is not None)
+    drh = rel_h.new_empty((B, H, W, NH, kernel_size[0])) if need_drel and rel_h is not None else empty
+    drw = rel_w.new_empty((B, H, W, NH, kernel_size[1])) if need_drel and rel_w is not None else empty
+    return q.new_empty(q.shape), dk, dv, drpb, drh, drw
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, rpb, rel_h, rel_w, kernel_size, dilation, stride, scale, border = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, rpb, rel_h, rel_w, out, lse)
+    ctx.geometry = (kernel_size, dilation, stride, scale, border)
+
+
+def _backward(ctx, do, _dlse):
+    q, k, v, rpb, rel_h, rel_w, out, lse = ctx.saved_tensors
+    need_q, need_k, need_v, need_rpb, need_rh, need_rw = ctx.needs_input_grad[:6]
+    kernel_size, dilation, stride, scale, border = ctx.geometry
+    dq, dk, dv, drpb, drh, drw = _na2d_bwd_op(
+        do, q, k, v, out, lse, rpb, rel_h, rel_w, kernel_size, dilation, stride, scale, border,
+        need_k or need_v, need_rpb, need_rh or need_rw)
+    return (dq if need_q else None, dk if need_k else None, dv if need_v else None,
+            drpb if need_rpb else None, drh if need_rh else None, drw if need_rw else None,
+            None, None, None, None, None)
+
+
+_na2d_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+_dispatch.register_compile_traceable(__name__)
 
 
 # --------------------------------------------------------------------------- public
@@ -675,6 +726,5 @@ def na2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: Tuple[i
     """
     kernel_size, dilation, stride = tuple(kernel_size), tuple(dilation), tuple(stride)
     _check_halo_args(q, kernel_size, dilation, stride, rpb, border, rel_h, rel_w)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, rpb, rel_h, rel_w)):
-        return _NA2D.apply(q, k, v, rpb, rel_h, rel_w, kernel_size, dilation, stride, float(scale), border)
-    return forward(q, k, v, kernel_size, dilation, stride, rpb, scale, border, rel_h, rel_w)[0]
+    return _na2d_fwd_op(q, k, v, rpb, rel_h, rel_w, list(kernel_size), list(dilation), list(stride),
+                        float(scale), border)[0]
