@@ -24,7 +24,7 @@ Tensor = torch.Tensor
 def geometry(H: int, W: int, num_regions: Tuple[int, int]) -> Tuple[int, int]:
     """Region size ``(h, w)``: the map padded up to a multiple of the region grid."""
     nh, nw = num_regions
-    return -(-H // nh), -(-W // nw)
+    return (H + nh - 1) // nh, (W + nw - 1) // nw  # not -(-a // b): the ONNX tracer truncates that
 
 
 def token_index(B: int, H: int, W: int, num_regions: Tuple[int, int], device) -> Tuple[Tensor, Tensor]:
