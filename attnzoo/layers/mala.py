@@ -79,6 +79,10 @@ class _QkvoAttention(nn.Module):
         lepe = self.lepe(v)
         # channel c = head * head_dim + d (official order); [B, heads, H*W, head_dim] views
         q, k, v = (t.reshape(B, self.num_heads, self.head_dim, H * W).transpose(-1, -2) for t in (q, k, v))
+        if torch.compiler.is_compiling():
+            # AOTAutograd's backward of elu on these strided views of one conv output fails
+            # ("view size is not compatible"); eager mode keeps the zero-copy views
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         out = self.attend(q, k, v, rope)
         out = out.transpose(-1, -2).reshape(B, C, H, W)
         return self.proj((out + lepe) * o)
