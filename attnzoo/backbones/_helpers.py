@@ -1,9 +1,13 @@
-"""Checkpoint helpers shared by every family's ``checkpoint_filter_fn`` and the converter."""
+"""Checkpoint helpers shared by every family's ``checkpoint_filter_fn`` and the converter,
+and the timm-contract mixins shared by the hierarchical backbones."""
 import argparse
 import re
-from typing import Any, Dict, Iterable, Mapping, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import torch
+from torch import nn
+from timm.layers import trunc_normal_
+from timm.models._features import feature_take_indices
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -106,3 +110,109 @@ class ClassifierHeadMixin:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+def init_linear_layernorm(m: nn.Module, linear_types: Tuple[type, ...] = (nn.Linear,)) -> None:
+    """The official init of most transformer families: trunc_normal(0.02) weights and zero
+    biases for ``linear_types``, LayerNorm (1, 0); anything else keeps its own init."""
+    if isinstance(m, linear_types):
+        trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+class StagedFeaturesMixin:
+    """``forward_features``, ``forward_intermediates``, ``prune_intermediate_layers`` and
+    ``set_grad_checkpointing`` for a stem -> stages -> neck backbone.
+
+    Every stage has a ``grad_checkpointing`` flag. With ``trailing_downsample`` a stage ends
+    in an optional ``downsample`` and has ``forward_blocks``: its feature map is taken before
+    the downsampler (NAT, MAViT). ``forward_features`` always calls the stage modules
+    themselves, so hooks on them see the same calls as before.
+    """
+
+    stages_attr = "stages"  # the nn.ModuleList of stages
+    trailing_downsample = False
+    feature_fmt = "NHWC"  # layout of the maps between stages
+    output_fmts = ("NCHW", "NHWC")
+    final_norm = True  # ``norm`` of the last stage's map; False: ``norm=`` and ``prune_norm`` do nothing
+
+    def _forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def _stage_input(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def _neck(self, x: torch.Tensor) -> torch.Tensor:
+        """What follows the last stage in ``forward_features``."""
+        return self.norm(x) if self.final_norm else x
+
+    def _final_features(self, x: torch.Tensor, complete: bool) -> torch.Tensor:
+        """``forward_intermediates``' features; a pass stopped early skips the neck."""
+        return self._neck(x) if complete else x
+
+    def _prune_stages(self, num_stages: int) -> None:
+        setattr(self, self.stages_attr, getattr(self, self.stages_attr)[:num_stages])
+        if self.trailing_downsample:
+            getattr(self, self.stages_attr)[-1].downsample = None
+
+    def _prune_head(self) -> None:
+        self.reset_classifier(0, "")
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+        for stage in getattr(self, self.stages_attr):
+            stage.grad_checkpointing = enable
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = "NCHW",
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Each stage's map (NCHW or NHWC) and, unless ``intermediates_only``, the final features.
+        ``norm`` applies the final norm to the last stage's map (where the model has one)."""
+        if output_fmt not in self.output_fmts:
+            raise ValueError(f"output_fmt must be {' or '.join(map(repr, self.output_fmts))}, got {output_fmt!r}")
+        stages = getattr(self, self.stages_attr)
+        take_indices, max_index = feature_take_indices(len(stages), indices)
+        last_stage = len(stages) - 1
+        last = max_index if stop_early or intermediates_only else last_stage
+        intermediates = []
+        x = self._forward_stem(x)
+        for i, stage in enumerate(stages[:last + 1]):
+            x = self._stage_input(i, x)
+            x = stage.forward_blocks(x) if self.trailing_downsample else stage(x)
+            if i in take_indices:
+                y = self.norm(x) if norm and self.final_norm and i == last_stage else x
+                if output_fmt != self.feature_fmt:
+                    y = y.permute(0, 3, 1, 2) if self.feature_fmt == "NHWC" else y.permute(0, 2, 3, 1)
+                intermediates.append(y)
+            if self.trailing_downsample and i < last and stage.downsample is not None:
+                x = stage.downsample(x)
+        if intermediates_only:
+            return intermediates
+        return self._final_features(x, last == last_stage), intermediates
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True):
+        take_indices, max_index = feature_take_indices(len(getattr(self, self.stages_attr)), indices)
+        self._prune_stages(max_index + 1)
+        if prune_norm and self.final_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self._prune_head()
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._forward_stem(x)
+        for i, stage in enumerate(getattr(self, self.stages_attr)):
+            x = stage(self._stage_input(i, x))
+        return self._neck(x)

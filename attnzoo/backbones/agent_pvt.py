@@ -22,19 +22,19 @@ Official checkpoints (``{'model': sd}``, README of ``agent_transformer/``): Agen
 at 224 px and Agent-PVT-M at 256 px (build it with ``img_size=256``: 36,083,682 params, equal
 to the official model's).
 """
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from timm.layers import ClassifierHead, DropPath, Mlp, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs
-from timm.models._features import feature_take_indices
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .._registry import register_model
 from ..layers.agent import AgentAttention
-from ._helpers import ClassifierHeadMixin, cfg, remap_keys, unwrap_state_dict
+from ._helpers import (
+    ClassifierHeadMixin, StagedFeaturesMixin, cfg, init_linear_layernorm, remap_keys, unwrap_state_dict)
 from .agent_swin import resize_agent_biases
 
 __all__ = ["AgentPyramidVisionTransformer"]
@@ -138,7 +138,7 @@ class AgentPvtStage(nn.Module):
         return x
 
 
-class AgentPyramidVisionTransformer(ClassifierHeadMixin, nn.Module):
+class AgentPyramidVisionTransformer(ClassifierHeadMixin, StagedFeaturesMixin, nn.Module):
     """Agent-PVT with the timm model contract.
 
     Channels-last inside; every stage takes NCHW (its patch embedding is a conv) and
@@ -161,6 +161,7 @@ class AgentPyramidVisionTransformer(ClassifierHeadMixin, nn.Module):
         attn_drop_rate: must be 0 (fused op).
         drop_path_rate: stochastic depth, linear over all blocks.
     """
+    final_norm = False  # ``norm=`` / ``prune_norm`` are accepted for the timm contract and do nothing
 
     def __init__(
             self,
@@ -209,17 +210,7 @@ class AgentPyramidVisionTransformer(ClassifierHeadMixin, nn.Module):
                                    input_fmt="NHWC")
         for stage in self.stages:
             trunc_normal_(stage.pos_embed, std=0.02)
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+        self.apply(init_linear_layernorm)
 
     @torch.jit.ignore
     def no_weight_decay(self):
@@ -235,48 +226,8 @@ class AgentPyramidVisionTransformer(ClassifierHeadMixin, nn.Module):
             ],
         )
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-        for stage in self.stages:
-            stage.grad_checkpointing = enable
-
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = "NCHW",
-            intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """NCHW (or NHWC) features of each stage and, unless ``intermediates_only``, the last
-        stage's NHWC map. ``norm`` is accepted for the timm contract: there is no final norm."""
-        if output_fmt not in ("NCHW", "NHWC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        last = max_index if stop_early or intermediates_only else len(self.stages) - 1
-        intermediates = []
-        for i, stage in enumerate(self.stages[:last + 1]):
-            x = stage(x if i == 0 else x.permute(0, 3, 1, 2))
-            if i in take_indices:
-                intermediates.append(x.permute(0, 3, 1, 2) if output_fmt == "NCHW" else x)
-        if intermediates_only:
-            return intermediates
-        return x, intermediates
-
-    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True):
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        self.stages = self.stages[:max_index + 1]
-        if prune_head:
-            self.reset_classifier(0, "")
-        return take_indices
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        for i, stage in enumerate(self.stages):
-            x = stage(x if i == 0 else x.permute(0, 3, 1, 2))
-        return x
+    def _stage_input(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        return x if i == 0 else x.permute(0, 3, 1, 2)  # each stage's patch embedding is a conv
 
 
 _OFFICIAL_KEYS = (

@@ -27,16 +27,16 @@ at 224 px, Agent-Swin-S at 288 and Agent-Swin-B at 384 px; build the latter two 
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-from timm.layers import ClassifierHead, DropPath, Mlp, PatchEmbed, to_2tuple, trunc_normal_
+from timm.layers import ClassifierHead, DropPath, Mlp, PatchEmbed, to_2tuple
 from timm.models import build_model_with_cfg, generate_default_cfgs
-from timm.models._features import feature_take_indices
 from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .._registry import register_model
 from ..layers.agent import AgentAttention, resize_agent_param
-from ._helpers import ClassifierHeadMixin, cfg, remap_keys, unwrap_state_dict
+from ._helpers import (
+    ClassifierHeadMixin, StagedFeaturesMixin, cfg, init_linear_layernorm, remap_keys, unwrap_state_dict)
 
 __all__ = ["AgentSwinTransformer"]
 
@@ -128,7 +128,7 @@ class AgentSwinStage(nn.Module):
         return x
 
 
-class AgentSwinTransformer(ClassifierHeadMixin, nn.Module):
+class AgentSwinTransformer(ClassifierHeadMixin, StagedFeaturesMixin, nn.Module):
     """Agent-Swin with the timm model contract.
 
     Channels-last inside; ``forward_features`` returns the normed ``[B, H, W, C]`` map,
@@ -150,6 +150,7 @@ class AgentSwinTransformer(ClassifierHeadMixin, nn.Module):
         attn_drop_rate: must be 0 in ``A`` blocks (fused op).
         drop_path_rate: stochastic depth, linear over all blocks.
     """
+    stages_attr = "layers"
 
     def __init__(
             self,
@@ -201,18 +202,8 @@ class AgentSwinTransformer(ClassifierHeadMixin, nn.Module):
         self.norm = norm_layer(self.num_features)
         self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate,
                                    input_fmt="NHWC")
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
         # as the official model; convs keep PyTorch's default, the biases their trunc_normal(0.02)
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+        self.apply(init_linear_layernorm)
 
     @torch.jit.ignore
     def no_weight_decay_keywords(self):
@@ -229,56 +220,8 @@ class AgentSwinTransformer(ClassifierHeadMixin, nn.Module):
             ],
         )
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-        for layer in self.layers:
-            layer.grad_checkpointing = enable
-
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = "NCHW",
-            intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """NCHW (or NHWC) features of each stage and, unless ``intermediates_only``, the final
-        normed NHWC features. ``norm`` applies the final norm to the last stage's map."""
-        if output_fmt not in ("NCHW", "NHWC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self.layers), indices)
-        last_stage = len(self.layers) - 1
-        last = max_index if stop_early or intermediates_only else last_stage
-        intermediates = []
-        x = self.pos_drop(self.patch_embed(x))
-        for i, layer in enumerate(self.layers[:last + 1]):
-            x = layer(x)
-            if i in take_indices:
-                y = self.norm(x) if norm and i == last_stage else x
-                intermediates.append(y.permute(0, 3, 1, 2) if output_fmt == "NCHW" else y)
-        if intermediates_only:
-            return intermediates
-        if last == last_stage:
-            x = self.norm(x)
-        return x, intermediates
-
-    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True):
-        take_indices, max_index = feature_take_indices(len(self.layers), indices)
-        self.layers = self.layers[:max_index + 1]
-        if prune_norm:
-            self.norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, "")
-        return take_indices
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.pos_drop(self.patch_embed(x))
-        for layer in self.layers:
-            x = layer(x)
-        return self.norm(x)
+    def _forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pos_drop(self.patch_embed(x))
 
 
 _AGENT_BIASES = ("an_bias", "na_bias", "ah_bias", "aw_bias", "ha_bias", "wa_bias")

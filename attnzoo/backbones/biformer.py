@@ -19,19 +19,19 @@ the routing op pads each map to a multiple of ``n_win`` and masks the padding ou
 Official checkpoints (``{'model': state_dict}``; OneDrive links in the official README):
 ``biformer_{tiny,small,base}_in1k``.
 """
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from timm.layers import ClassifierHead, DropPath, trunc_normal_
+from timm.layers import ClassifierHead, DropPath
 from timm.models import build_model_with_cfg, generate_default_cfgs
-from timm.models._features import feature_take_indices
 
 from .._registry import register_model
 from ..layers.bra import BiLevelRoutingAttention
-from ._helpers import ClassifierHeadMixin, cfg, remap_keys, unwrap_state_dict
+from ._helpers import (
+    ClassifierHeadMixin, StagedFeaturesMixin, cfg, init_linear_layernorm, remap_keys, unwrap_state_dict)
 
 __all__ = ["BiFormer"]
 
@@ -116,7 +116,7 @@ def _stem(in_chans: int, dim: int) -> nn.Sequential:
         nn.Conv2d(dim // 2, dim, 3, stride=2, padding=1), nn.BatchNorm2d(dim))
 
 
-class BiFormer(ClassifierHeadMixin, nn.Module):
+class BiFormer(ClassifierHeadMixin, StagedFeaturesMixin, nn.Module):
     """BiFormer with the timm model contract.
 
     Features are NCHW between stages; ``forward_features`` returns the final
@@ -136,6 +136,7 @@ class BiFormer(ClassifierHeadMixin, nn.Module):
         drop_path_rate: stochastic depth, linear over all blocks (0.1: the official
             ``configs/train_args.yaml`` default; the model code's own default is 0).
     """
+    feature_fmt = "NCHW"
 
     def __init__(
             self,
@@ -174,18 +175,8 @@ class BiFormer(ClassifierHeadMixin, nn.Module):
             self.feature_info.append(dict(num_chs=dim, reduction=4 * 2 ** i, module=f"stages.{i}"))
         self.norm = nn.BatchNorm2d(self.num_features)
         self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate)
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
         # as the official model; convs and BN keep PyTorch's defaults
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+        self.apply(init_linear_layernorm)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict:
@@ -198,55 +189,12 @@ class BiFormer(ClassifierHeadMixin, nn.Module):
             ],
         )
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-        for stage in self.stages:
-            stage.grad_checkpointing = enable
+    def _stage_input(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        return self.downsample_layers[i](x)
 
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = "NCHW",
-            intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """NCHW features of each stage and, unless ``intermediates_only``, the final normed features.
-        ``norm`` applies the final BatchNorm to the last stage's map."""
-        if output_fmt not in ("NCHW", "NHWC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        last_stage = len(self.stages) - 1
-        last = max_index if stop_early or intermediates_only else last_stage
-        intermediates = []
-        for i in range(last + 1):
-            x = self.stages[i](self.downsample_layers[i](x))
-            if i in take_indices:
-                y = self.norm(x) if norm and i == last_stage else x
-                intermediates.append(y if output_fmt == "NCHW" else y.permute(0, 2, 3, 1))
-        if intermediates_only:
-            return intermediates
-        if last == last_stage:
-            x = self.norm(x)
-        return x, intermediates
-
-    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True):
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        self.stages = self.stages[:max_index + 1]
-        self.downsample_layers = self.downsample_layers[:max_index + 1]
-        if prune_norm:
-            self.norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, "")
-        return take_indices
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        for downsample, stage in zip(self.downsample_layers, self.stages):
-            x = stage(downsample(x))
-        return self.norm(x)
+    def _prune_stages(self, num_stages: int) -> None:
+        super()._prune_stages(num_stages)
+        self.downsample_layers = self.downsample_layers[:num_stages]
 
 
 # official keys are ours but the classifier: head -> head.fc (timm's ClassifierHead)

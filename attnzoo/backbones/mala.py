@@ -19,19 +19,20 @@ dwconv, fc2}, gamma_1, gamma_2}``, ``layers.i.downsample``, ``proj``, ``norm``) 
 checkpoints load by name; only the 1x1-conv classifier becomes timm's ``ClassifierHead``
 (``head.weight [n, C, 1, 1]`` -> ``head.fc.weight [n, C]``).
 """
-from typing import Dict, List, Optional, Sequence, Tuple, Type, Union
+from functools import partial
+from typing import Dict, Optional, Sequence, Tuple, Type
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from timm.layers import ClassifierHead, DropPath, trunc_normal_
+from timm.layers import ClassifierHead, DropPath
 from timm.models import build_model_with_cfg, generate_default_cfgs
-from timm.models._features import feature_take_indices
 
 from .._registry import register_model
 from ..layers.mala import MagnitudeAwareLinearAttention, RopeSoftmaxAttention, RotaryEmbedding2d
-from ._helpers import ClassifierHeadMixin, cfg, remap_keys, unwrap_state_dict
+from ._helpers import (
+    ClassifierHeadMixin, StagedFeaturesMixin, cfg, init_linear_layernorm, remap_keys, unwrap_state_dict)
 
 __all__ = ["MAViT"]
 
@@ -146,7 +147,7 @@ class PatchEmbed(nn.Module):
         return self.proj(x)
 
 
-class MAViT(ClassifierHeadMixin, nn.Module):
+class MAViT(ClassifierHeadMixin, StagedFeaturesMixin, nn.Module):
     """MAViT (official class ``MALA``) with the timm model contract.
 
     ``forward_features`` returns the ``projection``-channel map after ``proj``, BN and swish
@@ -165,6 +166,11 @@ class MAViT(ClassifierHeadMixin, nn.Module):
         drop_rate: dropout before the classifier (the official model has none).
         drop_path_rate: stochastic depth, linear over all blocks.
     """
+    stages_attr = "layers"
+    trailing_downsample = True
+    feature_fmt = "NCHW"
+    output_fmts = ("NCHW",)
+    final_norm = False  # the final BN acts on the projected map: intermediates are never normed
 
     def __init__(
             self,
@@ -203,18 +209,8 @@ class MAViT(ClassifierHeadMixin, nn.Module):
         self.norm = nn.BatchNorm2d(projection)
         self.act = nn.SiLU()  # the official MemoryEfficientSwish
         self.head = ClassifierHead(projection, num_classes, pool_type=global_pool, drop_rate=drop_rate)
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        # as the official model: convs trunc_normal(0.02) with zero bias, LayerNorm (1, 0)
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+        # as the official model: convs too
+        self.apply(partial(init_linear_layernorm, linear_types=(nn.Conv2d, nn.Linear)))
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict:
@@ -227,59 +223,19 @@ class MAViT(ClassifierHeadMixin, nn.Module):
             ],
         )
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-        for stage in self.layers:
-            stage.grad_checkpointing = enable
+    def _forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.patch_embed(x)
 
     def _neck(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.norm(self.proj(x)))
 
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = "NCHW",
-            intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """NCHW features of each stage (before its downsampler) and, unless ``intermediates_only``,
-        ``forward_features``' output. ``norm`` is accepted for the timm API: the final BN acts on
-        the projected map, not on a stage's, so the intermediates are never normed."""
-        if output_fmt != "NCHW":
-            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self.layers), indices)
-        last_stage = len(self.layers) - 1
-        last = max_index if stop_early or intermediates_only else last_stage
-        intermediates = []
-        x = self.patch_embed(x)
-        for i, stage in enumerate(self.layers[:last + 1]):
-            x = stage.forward_blocks(x)
-            if i in take_indices:
-                intermediates.append(x)
-            if i < last and stage.downsample is not None:
-                x = stage.downsample(x)
-        if intermediates_only:
-            return intermediates
-        return self._neck(x), intermediates
+    def _final_features(self, x: torch.Tensor, complete: bool) -> torch.Tensor:
+        return self._neck(x)  # unlike the mixin's default, also after a pass stopped early
 
-    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True):
-        take_indices, max_index = feature_take_indices(len(self.layers), indices)
-        self.layers = self.layers[:max_index + 1]
-        self.layers[-1].downsample = None
-        if prune_head:  # the projection expects the last stage's channels
-            self.proj, self.norm, self.act = nn.Identity(), nn.Identity(), nn.Identity()
-            self.reset_classifier(0, "")
-        return take_indices
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embed(x)
-        for stage in self.layers:
-            x = stage(x)
-        return self._neck(x)
+    def _prune_head(self) -> None:
+        # the projection expects the last stage's channels
+        self.proj, self.norm, self.act = nn.Identity(), nn.Identity(), nn.Identity()
+        self.reset_classifier(0, "")
 
 
 def checkpoint_filter_fn(state_dict, model=None):

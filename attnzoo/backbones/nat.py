@@ -19,18 +19,18 @@ Official checkpoints (raw state_dicts):
 ``https://shi-labs.com/projects/dinat/checkpoints/imagenet1k/dinat_{mini,tiny,small,base}_in1k_224.pth``,
 ``.../imagenet1k/dinat_large_in22k_in1k_224.pth``, ``.../imagenet22k/dinat_large_in22k_224.pth``.
 """
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from timm.layers import ClassifierHead, DropPath, Mlp, trunc_normal_
+from timm.layers import ClassifierHead, DropPath, Mlp
 from timm.models import build_model_with_cfg, generate_default_cfgs
-from timm.models._features import feature_take_indices
 
 from .._registry import register_model
 from ..layers.neighborhood import NeighborhoodAttention2d
-from ._helpers import ClassifierHeadMixin, cfg, remap_keys, unwrap_state_dict
+from ._helpers import (
+    ClassifierHeadMixin, StagedFeaturesMixin, cfg, init_linear_layernorm, remap_keys, unwrap_state_dict)
 
 __all__ = ["NeighborhoodAttentionTransformer"]
 
@@ -139,7 +139,7 @@ class NatLevel(nn.Module):
         return x if self.downsample is None else self.downsample(x)
 
 
-class NeighborhoodAttentionTransformer(ClassifierHeadMixin, nn.Module):
+class NeighborhoodAttentionTransformer(ClassifierHeadMixin, StagedFeaturesMixin, nn.Module):
     """NAT / DiNAT with the timm model contract.
 
     Features are channels-last inside; ``forward_features`` returns the normed
@@ -159,6 +159,8 @@ class NeighborhoodAttentionTransformer(ClassifierHeadMixin, nn.Module):
         attn_drop_rate: must be 0 (fused op).
         drop_path_rate: stochastic depth, linear over all blocks.
     """
+    stages_attr = "levels"
+    trailing_downsample = True
 
     def __init__(
             self,
@@ -209,18 +211,8 @@ class NeighborhoodAttentionTransformer(ClassifierHeadMixin, nn.Module):
         self.norm = norm_layer(self.num_features)
         self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate,
                                    input_fmt="NHWC")
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
         # as the official model; convs keep PyTorch's default, rpb its trunc_normal(0.02)
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+        self.apply(init_linear_layernorm)
 
     @torch.jit.ignore
     def no_weight_decay_keywords(self):
@@ -237,60 +229,8 @@ class NeighborhoodAttentionTransformer(ClassifierHeadMixin, nn.Module):
             ],
         )
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-        for level in self.levels:
-            level.grad_checkpointing = enable
-
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = "NCHW",
-            intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """NCHW features of each level (before its downsampler) and, unless ``intermediates_only``,
-        the final normed NHWC features. ``norm`` applies the final norm to the last level's map."""
-        if output_fmt not in ("NCHW", "NHWC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self.levels), indices)
-        last_level = len(self.levels) - 1
-        last = max_index if stop_early or intermediates_only else last_level
-        intermediates = []
-        x = self.pos_drop(self.patch_embed(x))
-        for i, level in enumerate(self.levels[:last + 1]):
-            x = level.forward_blocks(x)
-            if i in take_indices:
-                y = self.norm(x) if norm and i == last_level else x
-                intermediates.append(y.permute(0, 3, 1, 2) if output_fmt == "NCHW" else y)
-            if i < last and level.downsample is not None:
-                x = level.downsample(x)
-        if intermediates_only:
-            return intermediates
-        if last == last_level:
-            x = self.norm(x)
-        return x, intermediates
-
-    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True):
-        take_indices, max_index = feature_take_indices(len(self.levels), indices)
-        self.levels = self.levels[:max_index + 1]
-        self.levels[-1].downsample = None
-        if prune_norm:
-            self.norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, "")
-        return take_indices
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.pos_drop(self.patch_embed(x))
-        for level in self.levels:
-            x = level(x)
-        return self.norm(x)
-
+    def _forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pos_drop(self.patch_embed(x))
 
 
 # official keys are ours but the classifier: head -> head.fc (timm's ClassifierHead)
