@@ -230,7 +230,8 @@ class MAViT(ClassifierHeadMixin, StagedFeaturesMixin, nn.Module):
         return self.act(self.norm(self.proj(x)))
 
     def _final_features(self, x: torch.Tensor, complete: bool) -> torch.Tensor:
-        return self._neck(x)  # unlike the mixin's default, also after a pass stopped early
+        # the neck (1x1 proj to num_features) only fits the last stage's map
+        return self._neck(x) if complete else x
 
     def _prune_head(self) -> None:
         # the projection expects the last stage's channels

@@ -72,11 +72,13 @@ def test_model_features(name):
     with torch.no_grad():
         final, inter = model.forward_intermediates(x)
         only = model.forward_intermediates(x, indices=[1, 2], intermediates_only=True)
+        _, early = model.forward_intermediates(x, indices=[1], stop_early=True)
     assert len(inter) == len(info)
     for f, t in zip(info, inter):
         assert t.shape[1] == f["num_chs"], (f, t.shape)
         assert t.shape[2] == -(-INPUT[2] // f["reduction"]), (f, t.shape)
     assert [t.shape for t in only] == [inter[1].shape, inter[2].shape]
+    assert [t.shape for t in early] == [inter[1].shape]
     torch.testing.assert_close(final, model.forward_features(x))
 
     feat = _create(name, features_only=True, out_indices=(1, 2, 3)).eval()
