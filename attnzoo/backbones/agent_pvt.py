@@ -219,9 +219,9 @@ class AgentPyramidVisionTransformer(ClassifierHeadMixin, StagedFeaturesMixin, nn
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict:
         return dict(
-            stem=r"^stages\.0\.(patch_embed|pos_embed)",
+            stem=r"^stages\.0\.(?:patch_embed|pos_embed)",
             blocks=r"^stages\.(\d+)" if coarse else [
-                (r"^stages\.(\d+)\.(patch_embed|pos_embed)", (0,)),
+                (r"^stages\.(\d+)\.(?:patch_embed|pos_embed)", (0,)),
                 (r"^stages\.(\d+)\.blocks\.(\d+)", None),
             ],
         )

@@ -218,8 +218,8 @@ class MAViT(ClassifierHeadMixin, StagedFeaturesMixin, nn.Module):
             stem=r"^patch_embed",
             blocks=r"^layers\.(\d+)" if coarse else [
                 (r"^layers\.(\d+)\.blocks\.(\d+)", None),
-                (r"^layers\.(\d+)\.(RoPE|downsample)", (99998,)),
-                (r"^(proj|norm)\.", (99999,)),
+                (r"^layers\.(\d+)\.(?:RoPE|downsample)", (99998,)),
+                (r"^(?:proj|norm)\.", (99999,)),
             ],
         )
 
