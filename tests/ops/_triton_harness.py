@@ -14,6 +14,7 @@ decorated when ``triton.language`` is first imported. ``import timm`` (hence
 late in-process; setting it at collection would also leak into every later test module.
 For fast iteration on one file: ``TRITON_INTERPRET=1 pytest tests/ops/test_<op>_triton.py``.
 """
+import importlib
 import os
 import subprocess
 import sys
@@ -77,3 +78,24 @@ def poison_empty(monkeypatch, module) -> None:
             return poison(torch.empty_like(*args, **kwargs))
 
     monkeypatch.setattr(module, "torch", _Torch())
+
+
+def kernel_module(test_file: str, child_flag: str, triton_module: str, timeout: int = 600):
+    """The per-file plumbing of a ``test_*_triton.py`` module:
+    ``DEVICE, tri, kernel_test, test_kernels_in_interpreter_subprocess = kernel_module(...)``.
+
+    ``DEVICE``: see ``kernel_device``; ``tri``: the Triton backend module where kernels run here
+    (else None); ``kernel_test``: decorator collecting a test only where the kernels run in this
+    process; the last is the test that reruns ``test_file`` in an interpreter child otherwise."""
+    device = kernel_device(child_flag)
+    tri = importlib.import_module(triton_module) if device else None
+
+    def kernel_test(fn):
+        fn.__test__ = device is not None
+        return fn
+
+    def test_kernels_in_interpreter_subprocess():
+        print(run_in_interpreter(test_file, child_flag, timeout=timeout))  # the child's summary, shown with -s
+
+    test_kernels_in_interpreter_subprocess.__test__ = device is None
+    return device, tri, kernel_test, test_kernels_in_interpreter_subprocess

@@ -12,7 +12,7 @@ import zlib
 
 import pytest
 import torch
-from _triton_harness import kernel_device, poison_empty, run_in_interpreter
+from _triton_harness import kernel_module, poison_empty
 
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
@@ -20,21 +20,8 @@ if importlib.util.find_spec("triton") is None:
 from attnzoo.ops import agent as agent_op  # noqa: E402
 
 _CHILD_FLAG = "_ATTNZOO_AGENT_TRITON_CHILD"
-DEVICE = kernel_device(_CHILD_FLAG)
-tri = importlib.import_module("attnzoo.ops.agent.triton") if DEVICE else None
-
-
-def kernel_test(fn):
-    """Collect ``fn`` only where the kernels can run in this process."""
-    fn.__test__ = DEVICE is not None
-    return fn
-
-
-def test_kernels_in_interpreter_subprocess():
-    print(run_in_interpreter(__file__, _CHILD_FLAG))  # the child's summary, shown with -s
-
-
-test_kernels_in_interpreter_subprocess.__test__ = DEVICE is None
+DEVICE, tri, kernel_test, test_kernels_in_interpreter_subprocess = kernel_module(
+    __file__, _CHILD_FLAG, "attnzoo.ops.agent.triton", timeout=600)
 
 # |actual - expected| <= atol * max|expected| + rtol * |expected| against float64 on the same inputs
 TOL = {torch.float64: (1e-12, 1e-12), torch.float32: (1e-5, 1e-5), torch.float16: (5e-3, 5e-3),

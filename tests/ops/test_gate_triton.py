@@ -12,7 +12,7 @@ import zlib
 
 import pytest
 import torch
-from _triton_harness import kernel_device, poison_empty, run_in_interpreter
+from _triton_harness import kernel_module, poison_empty
 from torch import nn
 
 if importlib.util.find_spec("triton") is None:
@@ -24,21 +24,8 @@ from attnzoo.ops.gate import reference  # noqa: E402
 _CHILD_FLAG = "_ATTNZOO_GATE_TRITON_CHILD"
 
 
-DEVICE = kernel_device(_CHILD_FLAG)
-tri = importlib.import_module("attnzoo.ops.gate.triton") if DEVICE else None
-
-
-def kernel_test(fn):
-    """Collect ``fn`` only where the kernels can run in this process."""
-    fn.__test__ = DEVICE is not None
-    return fn
-
-
-def test_kernels_in_interpreter_subprocess():
-    print(run_in_interpreter(__file__, _CHILD_FLAG, timeout=600))  # the child's summary, shown with -s
-
-
-test_kernels_in_interpreter_subprocess.__test__ = DEVICE is None
+DEVICE, tri, kernel_test, test_kernels_in_interpreter_subprocess = kernel_module(
+    __file__, _CHILD_FLAG, "attnzoo.ops.gate.triton", timeout=600)
 
 
 # --------------------------------------------------------------------------- cases

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _linear_cases import compare, gen, inputs, rope_tables
-from _triton_harness import kernel_device, poison_empty, run_in_interpreter
+from _triton_harness import kernel_module, poison_empty
 
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
@@ -21,21 +21,8 @@ from attnzoo.ops.linear import linear_attention, magnitude_aware_linear_attentio
 
 _CHILD_FLAG = "_ATTNZOO_LINEAR_TRITON_CHILD"
 
-DEVICE = kernel_device(_CHILD_FLAG)
-tri = importlib.import_module("attnzoo.ops.linear.triton") if DEVICE else None
-
-
-def kernel_test(fn):
-    """Collect ``fn`` only where the kernels can run in this process."""
-    fn.__test__ = DEVICE is not None
-    return fn
-
-
-def test_kernels_in_interpreter_subprocess():
-    print(run_in_interpreter(__file__, _CHILD_FLAG, timeout=600))  # the child's summary, shown with -s
-
-
-test_kernels_in_interpreter_subprocess.__test__ = DEVICE is None
+DEVICE, tri, kernel_test, test_kernels_in_interpreter_subprocess = kernel_module(
+    __file__, _CHILD_FLAG, "attnzoo.ops.linear.triton", timeout=600)
 
 
 F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
