@@ -31,9 +31,11 @@ HaloNet mode (``border="zero_pad"`` and / or per-query ``rel_h`` / ``rel_w``, di
 takes a separate *blocked* path (``_blocked_na2d``): queries are cut into their
 ``sh x sw`` stride groups (HaloNet's blocks; the map is zero-padded to a multiple of
 the stride), every group gathers its one ``kh x kw`` key window from a zero-padded
-copy of K / V (an ``unfold``-style gather), and attention is one batched matmul per
-block; rpb / rel_h / rel_w are additive terms. It is plain differentiable torch, so
-autograd gives exact gradients. ``rel_h`` / ``rel_w`` with dilation > 1 (clamp) run
+copy of K / V (an ``unfold``-style gather). Without rpb, attention runs on torch's fused
+CPU flash kernels with ``rel_h`` / ``rel_w`` carried as extra q / k channels against
+one-hot key positions: ``_HaloFlash`` (zero padding; own backward) or ``_blocked_sdpa``
+(clamped windows; autograd). With rpb it is one batched matmul per block with additive
+terms, plain differentiable torch. ``rel_h`` / ``rel_w`` with dilation > 1 (clamp) run
 the reference.
 
 Half-precision inputs are computed in float32 and cast back. Non-finite values in
@@ -647,7 +649,7 @@ class _HaloFlash(torch.autograd.Function):
     key positions), but with the buffers built by hand: q / k / v are copied once into
     ``[blocks, heads, L, E]`` (windows cut from a zero-padded copy with ``unfold``), the
     flash forward keeps only the output and its log-sum-exp, and the backward folds the
-    window gradients of K / V back with ``F.fold`` instead of autograd's zero-filled
+    window gradients of K / V back with a few strided adds instead of autograd's zero-filled
     ``unfold`` / ``select`` / ``pad`` backwards."""
 
     @staticmethod
@@ -687,12 +689,22 @@ class _HaloFlash(torch.autograd.Function):
         dqa, dka, dva = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             do, qa, ka, va, out, lse, 0.0, False, scale=scale)
         ngh, ngw = -(-H // sh), -(-W // sw)
-        Hp, Wp = H + ph0 + ph1, W + pw0 + pw1
+
+        ch, cw = -(-kh // sh), -(-kw // sw)
 
         def fold(g):  # [n, heads, kh * kw, E] window grads -> [B, H, W, heads, D], overlaps summed
-            g = g[..., :D].reshape(B, ngh, ngw, heads, kh, kw, D).permute(0, 3, 6, 4, 5, 1, 2)
-            g = F.fold(g.reshape(B, heads * D * kh * kw, ngh * ngw), (Hp, Wp), (kh, kw), stride=(sh, sw))
-            return g.view(B, heads, D, Hp, Wp).permute(0, 3, 4, 1, 2)[:, ph0:ph0 + H, pw0:pw0 + W].to(dtype)
+            # windows start every (sh, sw): window rows [i*sh, (i+1)*sh) of block g land on padded
+            # block row g + i, so ch * cw strided adds do it (3-4x faster than permute + col2im)
+            gw = g[..., :D].view(B, ngh, ngw, heads, kh, kw, D)
+            out = g.new_zeros(B, ngh + ch, sh, ngw + cw, sw, heads, D)
+            for i in range(ch):
+                a0, ah = i * sh, min(sh, kh - i * sh)
+                for j in range(cw):
+                    b0, bw = j * sw, min(sw, kw - j * sw)
+                    out[:, i:i + ngh, :ah, j:j + ngw, :bw] += \
+                        gw[:, :, :, :, a0:a0 + ah, b0:b0 + bw].permute(0, 1, 4, 2, 5, 3, 6)
+            out = out.view(B, (ngh + ch) * sh, (ngw + cw) * sw, heads, D)
+            return out[:, ph0:ph0 + H, pw0:pw0 + W].to(dtype)
 
         size = (B, H, W)
         dq = _from_blocks(dqa[..., :D], size, (sh, sw)).to(dtype)
