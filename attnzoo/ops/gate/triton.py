@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from .. import _dispatch
+from .._triton_common import acc_dtype as _acc_dtype
 
 __all__ = [
     "channel_pool", "spatial_pool", "gate_scale",
@@ -234,11 +235,6 @@ def _input_grad_kernel(
 
 
 # --------------------------------------------------------------------------- launchers
-
-def _acc_dtype(dtype: torch.dtype):
-    """(triton, torch) accumulator dtypes: fp64 stays fp64 so it can serve as a tight oracle."""
-    return (tl.float64, torch.float64) if dtype == torch.float64 else (tl.float32, torch.float32)
-
 
 def _flat(t: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int, int]]:
     """``t`` and its (batch, channel, spatial) strides as a ``[B, C, H*W]`` view.

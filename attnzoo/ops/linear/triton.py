@@ -39,6 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._triton_common import acc_dtype as _acc_dtype
+
 __all__ = ["linear_attention", "forward", "backward"]
 
 _BLOCK_N = 64  # tokens per block
@@ -264,10 +266,6 @@ def _bwd_rows_kernel(
 
 
 # --------------------------------------------------------------------------- launchers
-
-def _acc_dtype(dtype: torch.dtype):
-    return (tl.float64, torch.float64) if dtype == torch.float64 else (tl.float32, torch.float32)
-
 
 def _precision(dtype: torch.dtype) -> str:
     # tf32 only where torch itself would use it for an fp32 matmul (the flag is off by default)

@@ -72,6 +72,8 @@ import triton
 import triton.language as tl
 
 from .. import _dispatch
+from .._triton_common import acc_dtype as _acc_dtype, dot as _dot, precision as _precision
+from .._triton_common import unit_last as _unit_last, upcast as _upcast
 from .reference import window_start
 
 __all__ = ["na2d", "forward", "backward"]
@@ -97,16 +99,6 @@ def _win_start(p, n, K: tl.constexpr, S: tl.constexpr, ZPAD: tl.constexpr):
         leader = tl.minimum(p - p % S + S // 2, n - 1)
         start = tl.minimum(tl.maximum(leader - K // 2, 0), n - K)
     return start
-
-
-@triton.jit
-def _dot(a, b, ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """``a @ b`` accumulated in ``ACC``; ``UPCAST``: operands to fp32 first (the interpreter's
-    bf16 ``tl.dot`` multiplies the raw bits; exact, as bf16 products are exact in fp32)."""
-    if UPCAST:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, input_precision=PREC, out_dtype=ACC)
 
 
 @triton.jit
@@ -451,27 +443,6 @@ def _plan(H, W, kernel_size, dilation, stride, block_q, max_tile_w, block_k, zpa
 
 
 # --------------------------------------------------------------------------- launchers
-
-def _acc_dtype(dtype: torch.dtype):
-    """(triton, torch) accumulator dtypes: fp64 stays fp64 so it can serve as a tight oracle."""
-    return (tl.float64, torch.float64) if dtype == torch.float64 else (tl.float32, torch.float32)
-
-
-def _precision(dtype: torch.dtype) -> str:
-    # tf32 only where torch itself would use it for an fp32 matmul (the flag is off by default)
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "ieee" if dtype == torch.float64 else "tf32"
-
-
-def _upcast(dtype: torch.dtype) -> bool:
-    return dtype == torch.bfloat16 and _dispatch.triton_interpreting()
-
-
-def _unit_last(t: torch.Tensor) -> torch.Tensor:
-    """``t`` read in place when its channel dim is unit-stride (any other strides), else a copy."""
-    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
-
 
 def _strides(t: torch.Tensor) -> Tuple[int, int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2), t.stride(3)

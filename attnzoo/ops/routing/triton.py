@@ -38,7 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _dispatch
+from .._triton_common import acc_dtype as _acc_dtype, dot as _dot, precision as _precision
+from .._triton_common import unit_last as _unit_last, upcast as _upcast
 from .reference import geometry
 
 __all__ = ["bra", "forward", "backward"]
@@ -47,16 +48,6 @@ _BLOCK = 64  # tokens per query tile / key chunk (capped at the region size, >= 
 
 
 # --------------------------------------------------------------------------- kernels
-
-@triton.jit
-def _dot(a, b, ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """``a @ b`` accumulated in ``ACC``; ``UPCAST``: operands to fp32 first (the interpreter's
-    bf16 ``tl.dot`` multiplies the raw bits; exact, as bf16 products are exact in fp32)."""
-    if UPCAST:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, input_precision=PREC, out_dtype=ACC)
-
 
 @triton.jit
 def _tokens(region, offs, H, W, NW_R, RH, RW, N):
@@ -213,22 +204,6 @@ def _bwd_dkv_kernel(
 
 # --------------------------------------------------------------------------- launchers
 
-def _acc_dtype(dtype: torch.dtype):
-    """(triton, torch) accumulator dtypes: fp64 stays fp64 so it can serve as a tight oracle."""
-    return (tl.float64, torch.float64) if dtype == torch.float64 else (tl.float32, torch.float32)
-
-
-def _precision(dtype: torch.dtype) -> str:
-    # tf32 only where torch itself would use it for an fp32 matmul (the flag is off by default)
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "ieee" if dtype == torch.float64 else "tf32"
-
-
-def _unit_last(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
-
-
 def _strides(t: torch.Tensor) -> Tuple[int, int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
 
@@ -242,7 +217,7 @@ def _common(q: torch.Tensor, num_regions: Tuple[int, int]):
         block = min(block, 32)
     acc, acc_torch = _acc_dtype(q.dtype)
     meta = dict(BLOCK_M=block, BLOCK_N=block, BLOCK_D=max(16, triton.next_power_of_2(D)), ACC=acc,
-                PREC=_precision(q.dtype), UPCAST=q.dtype == torch.bfloat16 and _dispatch.triton_interpreting())
+                PREC=_precision(q.dtype), UPCAST=_upcast(q.dtype))
     geo = (H, W, NH, D, num_regions[1], rh, rw, n)
     return geo, -(-n // block), acc_torch, meta
 
