@@ -565,6 +565,9 @@ def _blocked_na2d(q, k, v, kernel_size, stride, rpb, scale, border, rel_h, rel_w
     ph1 = max(0, int(st_h.max()) + kh - H)
     pw0 = max(0, -int(st_w.min()))
     pw1 = max(0, int(st_w.max()) + kw - W)
+    if rpb is None and border == "zero_pad" and (ngh - 1) * sh + kh == H + ph0 + ph1 \
+            and (ngw - 1) * sw + kw == W + pw0 + pw1:
+        return _HaloFlash.apply(q, k, v, rel_h, rel_w, (kh, kw), (sh, sw), (ph0, ph1, pw0, pw1), scale)
     idx_h = st_h[:, None] + ph0 + torch.arange(kh)  # [ngh, kh] rows of the padded map
     idx_w = st_w[:, None] + pw0 + torch.arange(kw)  # [ngw, kw]
     kv = torch.stack((k, v)).to(cdt)  # [2, B, H, W, heads, D]
@@ -587,9 +590,6 @@ def _blocked_na2d(q, k, v, kernel_size, stride, rpb, scale, border, rel_h, rel_w
         x = x.view(B, ngh, sh, ngw, sw, heads, last)
         return x.permute(0, 1, 3, 5, 2, 4, 6)  # [B, ngh, ngw, heads, sh, sw, last]
 
-    if rpb is None and border == "zero_pad" and (ngh - 1) * sh + kh == H + ph0 + ph1 \
-            and (ngw - 1) * sw + kw == W + pw0 + pw1:
-        return _HaloFlash.apply(q, k, v, rel_h, rel_w, (kh, kw), (sh, sw), (ph0, ph1, pw0, pw1), scale)
     qb = blocks(q, D).reshape(B, ngh, ngw, heads, sh * sw, D)
     if rpb is None:
         return _blocked_sdpa(qb, kwin, vwin, scale, blocks(rel_h, kh) if rel_h is not None else None,
@@ -616,6 +616,14 @@ def _blocked_na2d(q, k, v, kernel_size, stride, rpb, scale, border, rel_h, rel_w
     return o[:, :H, :W].to(q.dtype)
 
 
+def _key_positions(kh: int, kw: int, rows: bool, dtype) -> Tensor:
+    """One-hot window row (``rows``) or column of each of the ``kh * kw`` window keys:
+    ``[kh * kw, kh]`` or ``[kh * kw, kw]``, the key side of the relative-logit channels."""
+    n = kh if rows else kw
+    eye = torch.eye(n, dtype=dtype)
+    return eye.repeat_interleave(kw, 0) if rows else eye.repeat(kh, 1)
+
+
 def _blocked_sdpa(qb, kwin, vwin, scale, rel_h, rel_w, kernel_size, stride, size):
     """Blocked attention as one fused ``scaled_dot_product_attention`` call (no ``[L, k^2]``
     logits, probabilities or mask kept for the backward). The per-query relative logits
@@ -629,9 +637,7 @@ def _blocked_sdpa(qb, kwin, vwin, scale, rel_h, rel_w, kernel_size, stride, size
     for rel, n, rows in ((rel_h, kh, True), (rel_w, kw, False)):
         if rel is not None:
             qs.append(rel.reshape(B, ngh, ngw, heads, L, n))
-            eye = torch.eye(n, dtype=kwin.dtype)
-            onehot = eye.repeat_interleave(kw, 0) if rows else eye.repeat(kh, 1)  # [kh * kw, n]
-            ks.append(onehot.expand(B, ngh, ngw, heads, kh * kw, n))
+            ks.append(_key_positions(kh, kw, rows, kwin.dtype).expand(B, ngh, ngw, heads, kh * kw, n))
     qa, ka = torch.cat(qs, -1), torch.cat(ks, -1)
     # the fused CPU kernel (forward and backward) needs one head dim for q, k and v
     va = F.pad(vwin, (0, qa.shape[-1] - D))
@@ -671,8 +677,7 @@ class _HaloFlash(torch.autograd.Function):
         for rel, n, rows in ((rel_h, kh, True), (rel_w, kw, False)):
             if rel is not None:  # the kernel scales every channel: pre-divide the relative logits
                 qa[..., c:c + n] = _to_blocks(rel.to(cdt) / scale, (sh, sw), n)
-                eye = torch.eye(n, dtype=cdt)
-                ka[..., c:c + n] = eye.repeat_interleave(kw, 0) if rows else eye.repeat(kh, 1)
+                ka[..., c:c + n] = _key_positions(kh, kw, rows, cdt)
                 c += n
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qa, ka, va, scale=scale)
         ctx.save_for_backward(qa, ka, va, out, lse)
