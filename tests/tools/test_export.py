@@ -67,7 +67,7 @@ def test_export_fixes_hw_when_the_graph_bakes_the_size_in(tmp_path, monkeypatch)
     monkeypatch.setattr(export_onnx.C, "create_model", lambda *a, **k: Baked())
     monkeypatch.setattr(export_onnx.C, "check_model_name", lambda name: None)
     s = export_onnx.main(["--model", "baked", "--img-size", "64", "--out", str(tmp_path / "b.onnx")])
-    assert s["ok"] and not s["dynamic_hw"] and "96x80" in s["note"]
+    assert s["ok"] and not s["dynamic_hw"] and "failed at 96×80" in s["note"] and "fixed H/W 64×64" in s["note"]
     assert [r["check"] for r in s["checks"]] == ["export input", "dynamic batch"]
 
 
@@ -82,7 +82,7 @@ def test_export_fixes_hw_when_the_dynamic_export_fails(tmp_path, monkeypatch):
     monkeypatch.setattr(export_onnx.C, "create_model", lambda *a, **k: Pooled())
     monkeypatch.setattr(export_onnx.C, "check_model_name", lambda name: None)
     s = export_onnx.main(["--model", "pooled", "--img-size", "64", "--out", str(tmp_path / "p.onnx")])
-    assert s["ok"] and not s["dynamic_hw"] and "dynamic export failed" in s["note"]
+    assert s["ok"] and not s["dynamic_hw"] and "dynamic H/W export failed" in s["note"]
 
 
 def test_export_falls_back_to_the_dynamo_exporter(tmp_path, monkeypatch):
