@@ -14,6 +14,8 @@ if str(_ROOT) not in sys.path:
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
 
 import attnzoo.heads.mm as attnzoo_mm  # noqa: E402  (registers AttnZooBackbone; mmcv-lite kernels; checkpoints)
+from attnzoo.backbones._helpers import CheckpointError  # noqa: E402
+from attnzoo.heads.mm.config import check_backbone_checkpoint  # noqa: E402
 from mmengine.config import Config, DictAction  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
@@ -44,11 +46,93 @@ def load_config(args) -> Config:
 
 
 def build_runner(cfg: Config) -> Runner:
-    if "runner_type" in cfg:
-        from mmengine.registry import RUNNERS
-        runner = RUNNERS.build(cfg)
-    else:
-        runner = Runner.from_cfg(cfg)
+    # a missing or unusable backbone checkpoint in one line, not under mmengine's build traceback
+    try:
+        check_backbone_checkpoint(cfg)
+    except FileNotFoundError as e:
+        raise SystemExit(f"error: {e}") from e
+    try:
+        if "runner_type" in cfg:
+            from mmengine.registry import RUNNERS
+            runner = RUNNERS.build(cfg)
+        else:
+            runner = Runner.from_cfg(cfg)
+    except CheckpointError as e:  # corrupt, or keys that don't fit the backbone
+        raise SystemExit(f"error: {e}") from e
     runner.logger.info("mmcv ops: " + ("torchvision/torch fallback for mmcv-lite (nms, RoIAlign, focal loss)"
                                        if attnzoo_mm.MMCV_OPS_FALLBACK else "compiled mmcv"))
     return runner
+
+
+def _is_seg(cfg: Config) -> bool:
+    return cfg.get("default_scope") == "mmseg" or "decode_head" in cfg.model
+
+
+def configure_outputs(cfg: Config, show_dir=None, out=None):
+    """``--show-dir`` and ``--out`` as mmdet's and mmseg's test tools set them; returns the metric
+    to append to the runner's evaluator for an mmdet ``--out`` (None otherwise)."""
+    seg = _is_seg(cfg)
+    if show_dir:
+        hooks = cfg.setdefault("default_hooks", {})
+        vis = hooks.get("visualization") or dict(type="SegVisualizationHook" if seg else "DetVisualizationHook")
+        vis.update(draw=True, interval=1)
+        if seg:
+            cfg.visualizer["save_dir"] = show_dir
+        else:
+            vis["test_out_dir"] = show_dir
+        hooks["visualization"] = vis
+    if out and seg:
+        cfg.test_evaluator.update(output_dir=out, keep_results=True)
+    elif out:
+        if not out.endswith((".pkl", ".pickle")):
+            raise SystemExit(f"error: --out must be a .pkl file for mmdet, got {out!r}")
+        from mmdet.evaluation import DumpDetResults
+        return DumpDetResults(out_file_path=out)
+    return None
+
+
+def plot_curves(runner, path=None):
+    """``<work_dir>/curves.png`` from the run's ``scalars.json``: loss terms, learning rate and
+    validation metrics against the iteration. Returns the path, or None when nothing was logged."""
+    import json
+
+    scalars = osp.join(runner.log_dir, "vis_data", "scalars.json")
+    if runner.rank != 0 or not osp.isfile(scalars):
+        return None
+    train, val = {}, {}
+    last = 0  # a validation record's own step counts validation batches: plot it at the training step
+    with open(scalars) as f:
+        for line in f:
+            rec = json.loads(line)
+            is_val = not any(k.startswith("loss") or k == "lr" for k in rec)
+            if not is_val:
+                last = rec.get("step", rec.get("iter", last))
+            for k, v in rec.items():
+                if k in ("step", "iter", "epoch", "time", "data_time", "memory", "eta"):
+                    continue
+                if isinstance(v, (int, float)) and not (is_val and v < 0):  # COCO writes -1 for "no such objects"
+                    (val if is_val else train).setdefault(k, []).append((last, v))
+    if not train:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("loss", {k: v for k, v in train.items() if k.startswith("loss")}),
+              ("learning rate", {k: v for k, v in train.items() if k == "lr"}),
+              ("validation", val)]
+    panels = [(t, d) for t, d in panels if d]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
+    for ax, (title, series) in zip(axes[0], panels):
+        for k, pts in sorted(series.items()):
+            ax.plot(*zip(*pts), marker="o" if len(pts) < 20 else None, label=k)
+        ax.set_xlabel("iteration")
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(osp.basename(runner.work_dir.rstrip("/")) or "mm run")
+    fig.tight_layout()
+    path = path or osp.join(runner.work_dir, "curves.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

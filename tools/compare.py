@@ -148,6 +148,7 @@ def plot(rows, args, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     modes = ["infer"] + ([] if args.no_train else ["train"])
     fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 4.5), squeeze=False)
@@ -160,8 +161,13 @@ def plot(rows, args, path):
         ax.set_xlabel("input resolution (px)")
         ax.set_ylabel("images / s")
         ax.set_yscale("log")
+        # plain numbers on the log axis ("3", not "3x10^0")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.LogFormatter())
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
         ax.set_xticks(args.sizes)
-        ax.set_title(f"{'inference' if mode == 'infer' else 'training'}, batch {args.batch_size}, {args.device}")
+        ax.set_title(f"{'inference' if mode == 'infer' else 'training'}: batch {args.batch_size}, "
+                     f"{args.device}, {args.warmup} warmup + {args.steps} timed step{'s' * (args.steps != 1)} "
+                     f"(median)", fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
     axes[0][-1].legend(fontsize=8)
     fig.tight_layout()

@@ -4,6 +4,9 @@
     python tools/mm_train.py configs/mmdet/toy/retinanet_test_cbam_resnet_fpn_toy.py
     python tools/mm_train.py configs/mmseg/upernet_nat_tiny_160k_ade20k_512x512.py --work-dir work_dirs/nat
     bash tools/dist_train.sh configs/mmdet/mask_rcnn_nat_tiny_fpn_1x_coco.py 8   # 8 GPUs
+
+Besides mmengine's logs and checkpoints, the work dir gets ``curves.png``: training loss, learning
+rate and validation metrics against the iteration, read from the run's ``scalars.json``.
 """
 import sys
 from pathlib import Path
@@ -28,6 +31,7 @@ def main(argv=None):
         cfg.resume, cfg.load_from = True, args.resume
     runner = _mm.build_runner(cfg)
     runner.train()
+    _mm.plot_curves(runner)
     return runner
 
 

@@ -80,6 +80,7 @@ def _check_metrics(head, metrics):
 def test_train_a_few_iterations_and_validate(head, model_name, toy, tmp_path):
     runner, metrics = _train(head, toy, model_name, 3, tmp_path)
     assert runner.iter == 3 and (tmp_path / "iter_3.pth").is_file()
+    assert (tmp_path / "curves.png").stat().st_size > 0
     assert math.isfinite(runner.message_hub.get_scalar("train/loss").current())
     _check_metrics(head, metrics)
 
@@ -91,8 +92,12 @@ def test_resume_and_test_tool(toy, tmp_path):
     assert runner.iter == 3
     assert len(runner.message_hub.get_scalar("train/loss").data[0]) == 3  # 2 restored + 1 new
     metrics = mm_test.main([str(TOY["retinanet"]), str(tmp_path / "iter_3.pth"), "--work-dir", str(tmp_path),
+                            "--show-dir", "vis", "--out", str(tmp_path / "results.pkl"),
                             "--cfg-options", *_options("retinanet", toy, "test_cbam_resnet", 3, tmp_path)])
     _check_metrics("retinanet", metrics)
+    assert (tmp_path / "results.pkl").stat().st_size > 0
+    drawn = list(tmp_path.glob("*/vis/*.jpg")) + list(tmp_path.glob("*/vis/*.png"))
+    assert len(drawn) == 2, drawn  # one per val image
 
 
 @pytest.mark.slow
