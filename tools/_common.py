@@ -3,6 +3,7 @@
 The embedded digits dataset, a corrupt-file tolerant ImageFolder, model creation
 with a clear error, untrusted-checkpoint I/O, the eval loop and result tables.
 """
+import argparse
 import csv
 import json
 import os
@@ -16,7 +17,8 @@ if str(_ROOT) not in sys.path:
     sys.path.append(str(_ROOT))  # source checkout without `pip install -e .`; an installed attnzoo wins
 
 import attnzoo  # noqa: E402  (registers our models with timm)
-from attnzoo.backbones._helpers import key_report, load_checkpoint_file  # noqa: E402
+from attnzoo.backbones._helpers import CheckpointError, key_report, load_checkpoint_file  # noqa: E402
+from attnzoo.convert import convert_command, write_safetensors  # noqa: E402
 import numpy as np  # noqa: E402
 import timm  # noqa: E402
 import torch  # noqa: E402
@@ -70,7 +72,9 @@ class SafeImageFolder(Dataset):
 
     Every non-hidden file is a candidate, whatever its extension: PIL identifies
     images by content. A file that fails to open, decode or transform yields
-    ``(None, path)``, which :func:`collate_skip` drops and counts.
+    ``(None, path)``, which :func:`collate_skip` drops and counts. Symlinks are
+    followed, but no directory is walked twice and no file counted twice (by real
+    path), so a link loop or a link back into the tree adds nothing.
     """
 
     def __init__(self, root, transform=None, class_to_idx: Optional[Mapping[str, int]] = None):
@@ -86,11 +90,24 @@ class SafeImageFolder(Dataset):
         self.class_to_idx = dict(class_to_idx)
         self.classes = sorted(self.class_to_idx, key=self.class_to_idx.get)
         self.samples = []
+        # the root and every class folder up front: a link to one of them from another class is a loop
+        seen_dirs = {os.path.realpath(p) for p in [self.root] + [os.path.join(self.root, c) for c in classes]}
+        seen_files = set()
         for c in classes:
             for dirpath, dirnames, filenames in os.walk(os.path.join(self.root, c), followlinks=True):
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-                self.samples += [(os.path.join(dirpath, f), self.class_to_idx[c])
-                                 for f in sorted(filenames) if not f.startswith(".")]
+                keep = []
+                for d in sorted(d for d in dirnames if not d.startswith(".")):
+                    real = os.path.realpath(os.path.join(dirpath, d))
+                    if real not in seen_dirs:
+                        seen_dirs.add(real)
+                        keep.append(d)
+                dirnames[:] = keep
+                for f in sorted(f for f in filenames if not f.startswith(".")):
+                    path = os.path.join(dirpath, f)
+                    real = os.path.realpath(path)
+                    if real not in seen_files:
+                        seen_files.add(real)
+                        self.samples.append((path, self.class_to_idx[c]))
         self.targets = [t for _, t in self.samples]
 
     def __len__(self):
@@ -138,13 +155,16 @@ def check_model_name(name: str) -> None:
             f". attnzoo models: {', '.join(attnzoo.list_models())}; any timm model name works too.")
 
 
-def create_model(name: str, img_size: Optional[int] = None, **kwargs) -> torch.nn.Module:
-    """An untrained model; ``img_size`` reaches only models with a fixed input size (ViT-style grids)."""
+def create_model(name: str, img_size: Optional[int] = None, pretrained: bool = False, **kwargs) -> torch.nn.Module:
+    """A model, untrained unless ``pretrained`` (the tag's released weights, downloaded into timm's cache and
+    converted on load); ``img_size`` reaches only models with a fixed input size (ViT-style grids)."""
     check_model_name(name)
     cfg = timm.models.get_pretrained_cfg(name)
     if img_size and getattr(cfg, "fixed_input_size", False):
         kwargs["img_size"] = img_size
-    return timm.create_model(name, pretrained=False, **kwargs)
+    if pretrained:
+        timm.models.set_pretrained_download_progress(True)  # timm's download progress bar
+    return timm.create_model(name, pretrained=pretrained, **kwargs)
 
 
 def default_img_size(name: str) -> int:
@@ -167,15 +187,11 @@ META_KEY = "attnzoo_meta"  # json in the safetensors header: train.py's args, cl
 
 
 def save_checkpoint(path, model: torch.nn.Module, meta: Mapping[str, Any]) -> None:
-    from safetensors.torch import save_file
-
     # clone: safetensors refuses tensors that share storage (tied weights)
     sd = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
-    tmp = str(path) + ".tmp"
     # flat keys as tools/convert_checkpoint.py writes them, plus everything as json
     flat = {k: str(meta[k]) for k in ("model", "num_classes", "img_size") if k in meta}
-    save_file(sd, tmp, metadata={**flat, META_KEY: json.dumps(dict(meta))})
-    os.replace(tmp, path)  # an interrupted run never leaves a half-written checkpoint
+    write_safetensors(path, sd, metadata={**flat, META_KEY: json.dumps(dict(meta))})
 
 
 def read_checkpoint_meta(path) -> Dict[str, Any]:
@@ -185,10 +201,15 @@ def read_checkpoint_meta(path) -> Dict[str, Any]:
     if path.endswith(".safetensors"):
         from safetensors import safe_open
 
-        with safe_open(path, "pt") as f:
-            header = f.metadata() or {}
-        if header.get(META_KEY):
-            return json.loads(header[META_KEY])
+        try:
+            with safe_open(path, "pt") as f:
+                header = f.metadata() or {}
+            if header.get(META_KEY):
+                return json.loads(header[META_KEY])
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # SafetensorError, a damaged json header
+            raise CheckpointError(f"{path}: not a readable safetensors file, truncated or corrupt ({e})") from e
         if header.get("model"):  # tools/convert_checkpoint.py: model, num_classes (strings)
             meta = {"model": header["model"]}
             for k in ("num_classes", "img_size"):
@@ -202,15 +223,23 @@ def read_checkpoint_meta(path) -> Dict[str, Any]:
     return {}
 
 
-def load_state_dict_file(path) -> Dict[str, torch.Tensor]:
+def load_state_dict_file(path, model: Optional[str] = None) -> Dict[str, torch.Tensor]:
     """Tensors of a local checkpoint, never unpickling code (``attnzoo``'s safe loader)."""
     path = str(path)
     if not os.path.isfile(path):
-        raise SystemExit(f"error: checkpoint not found: {path}")
+        raise SystemExit(f"error: {missing_checkpoint_hint(path, model)}")
     try:
         return load_checkpoint_file(path)
-    except ValueError as e:
+    except ValueError as e:  # CheckpointError: corrupt, truncated, pickled code; the message names the file
         raise SystemExit(f"error: {e}") from e
+
+
+def missing_checkpoint_hint(path, model: Optional[str]) -> str:
+    """The one line for a checkpoint that is not there, with the commands that write one."""
+    model = model or "<model>"
+    return (f"checkpoint not found: {path}; train one with python tools/train.py --model {model} "
+            f"(writes output/train/{model}/checkpoint.safetensors), or convert official weights with "
+            f"{convert_command(model, path)}")
 
 
 def load_weights(model: torch.nn.Module, sd: Dict[str, torch.Tensor], model_name: str) -> None:
@@ -315,6 +344,16 @@ class ThreadPicker:
         self.last = now
         torch.set_num_threads(threads)
         return threads
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends ``(default: ...)`` only where the help doesn't already explain the default and it isn't
+    None (which these tools use for "derived": the help says from what)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def default_device() -> str:

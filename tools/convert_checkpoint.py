@@ -7,38 +7,62 @@
 The family's converter renames keys by name; a checkpoint that does not match
 the model fails with the missing and unexpected keys listed. Load the result with
 ``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=...))``
-or ``tools/validate.py --checkpoint``.
+or ``tools/validate.py --checkpoint``. ``--local-dir DIR`` writes a timm model folder
+(``config.json`` with the tag's pretrained cfg + ``model.safetensors``) instead or as well:
+
+    python tools/convert_checkpoint.py --model agent_swin_small.in1k_288 --input agent_swin_s_288.pth \
+        --local-dir agent_swin_small.in1k_288
+    timm.create_model("local-dir:agent_swin_small.in1k_288", pretrained=True)
 """
 import argparse
 import json
+import os
 import sys
 
-from safetensors.torch import save_file
+import timm
 
 import attnzoo  # noqa: F401  (registers models)
-from attnzoo.convert import CONVERTERS, convert_checkpoint, family_of
+from attnzoo.convert import convert_checkpoint, family_of, save_local_dir, write_safetensors
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="attnzoo model name, e.g. cbam_resnet50")
     p.add_argument("--input", required=True, help="official checkpoint (.pth/.pth.tar/.safetensors)")
-    p.add_argument("--output", required=True, help="output .safetensors path")
+    p.add_argument("--output", default=None, help="output .safetensors path")
+    p.add_argument("--local-dir", default=None, help="output timm model folder (config.json + model.safetensors)")
     p.add_argument("--num-classes", type=int, default=None, help="default: from the checkpoint's classifier")
     p.add_argument("--model-kwargs", type=json.loads, default={}, help='JSON dict of extra model args')
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not (args.output or args.local_dir):
+        p.error("give --output, --local-dir or both")
+    return args
 
 
 def main(argv=None):
     args = parse_args(argv)
-    family = family_of(args.model)
-    model, sd = convert_checkpoint(args.input, args.model, args.num_classes, **args.model_kwargs)
+    try:
+        family = family_of(args.model)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from e
+    if not os.path.isfile(args.input):
+        origin = timm.models.get_pretrained_cfg(args.model).origin_url
+        raise SystemExit(f"error: --input not found: {args.input}; download the official {args.model} checkpoint"
+                         + (f" (from {origin})" if origin else "") + " and pass its path")
+    try:
+        model, sd = convert_checkpoint(args.input, args.model, args.num_classes, **args.model_kwargs)
+    except ValueError as e:  # CheckpointError (corrupt, pickled code) or keys that don't fit: one line
+        raise SystemExit(f"error: {e}") from e
     sd = {k: v.contiguous() for k, v in sd.items()}
     meta = {"model": args.model, "family": family, "num_classes": str(model.num_classes),
             "source": str(args.input)}
-    save_file(sd, args.output, metadata=meta)
+    if args.output:
+        write_safetensors(args.output, sd, metadata=meta)
+    if args.local_dir:
+        save_local_dir(model, sd, args.local_dir, source=os.path.basename(args.input))
     n = sum(p.numel() for p in model.parameters())
-    print(f"{args.model} ({family}): {len(sd)} tensors, {n:,} parameters -> {args.output}")
+    out = " and ".join(x for x in (args.output, args.local_dir and f"local-dir:{args.local_dir}") if x)
+    print(f"{args.model} ({family}): {len(sd)} tensors, {n:,} parameters -> {out}")
     return 0
 
 

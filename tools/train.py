@@ -10,6 +10,7 @@ With no arguments it trains cbam_resnet18 on scikit-learn's handwritten digits
         --aa rand-m9-mstd0.5-inc1 --mixup 0.8 --cutmix 1.0 --amp --channels-last
     torchrun --nproc_per_node 2 tools/train.py --model test_nat     # DDP: gloo on CPU, nccl on GPU
     python tools/train.py --resume                                  # continue output/train/<model>/last.pth
+    python tools/train.py --model nat_mini.in1k --pretrained --data-dir /data/flowers  # fine-tune, new head
 
 --batch-size is per process; one optimizer step sees batch-size x processes x --grad-accum
 images. Writes to --output (default output/train/<model>): checkpoint.safetensors (the last
@@ -49,11 +50,14 @@ RESUME_FIXED = ("model", "data_dir", "num_classes", "img_size", "epochs", "batch
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=C.HelpFormatter)
     p.add_argument("--model", "-m", default="cbam_resnet18", help="attnzoo or timm model name")
     p.add_argument("--data-dir", default=None,
                    help="ImageFolder root with train/ and val/ class subfolders (default: embedded digits)")
     p.add_argument("--num-classes", type=int, default=None, help="default: number of classes in the data")
+    p.add_argument("--pretrained", action="store_true",
+                   help="start from the released weights of the model's tag (e.g. nat_mini.in1k; converted on "
+                        "load); the classifier is new when --num-classes differs from the checkpoint's")
     p.add_argument("--img-size", type=int, default=None, help="default: 32 for digits, the model's size otherwise")
     p.add_argument("--drop-path", type=float, default=None, help="stochastic depth rate (default: the model's)")
     p.add_argument("--epochs", type=int, default=8)
@@ -210,7 +214,8 @@ def train(args, info):
     if args.img_size is None:
         args.img_size = C.DIGITS_SIZE if digits else C.default_img_size(args.model)
     kw = {} if args.drop_path is None else dict(drop_path_rate=args.drop_path)
-    model = C.create_model(args.model, img_size=args.img_size, num_classes=args.num_classes, **kw)
+    model = C.create_model(args.model, img_size=args.img_size, num_classes=args.num_classes,
+                           pretrained=args.pretrained, **kw)
     data_cfg = set_transforms(args, model, train_ds, val_ds)
     if args.limit:
         g = torch.Generator().manual_seed(args.seed)
@@ -253,7 +258,7 @@ def train(args, info):
         raise SystemExit("error: mixup/cutmix pair images within a batch: --batch-size must be even")
 
     start_epoch, updates, rows, best = 0, 0, [], None
-    rng_states = None
+    rng_states, train_s_before = None, 0.0
     if args.resume:
         path = out / "last.pth" if args.resume == "auto" else Path(args.resume)
         state = T.load_state(path)
@@ -270,6 +275,13 @@ def train(args, info):
             ema.module.load_state_dict(state["ema"])
         start_epoch, updates, rows, best = state["epoch"], state["updates"], state["rows"], state["best"]
         rng_states = state["rng"]
+        train_s_before = state.get("train_s", 0.0)  # the processes before this one (absent before it was kept)
+        if start_epoch >= min(num_epochs, args.stop_epoch or num_epochs):
+            # nothing to train: leave summary.json (and its train_s) as the last real run wrote it
+            log(f"{path}: already finished at epoch {start_epoch}" if start_epoch >= num_epochs else
+                f"{path}: already at epoch {start_epoch}, --stop-epoch {args.stop_epoch}: nothing to do")
+            summary_file = out / "summary.json"
+            return json.loads(summary_file.read_text()) if summary_file.is_file() else None
         log(f"resumed {path} at epoch {start_epoch}")
     ddp = model
     if info.distributed:
@@ -372,6 +384,8 @@ def train(args, info):
             + f"  ({row['epoch_s']:.1f}s)")
         # every epoch: a killed run leaves a resumable state, usable weights and curves
         rng = T.gather_rng_states(info)
+        # the run's time so far, resumes included; up to this epoch's saving, which a resume cannot know of
+        run_s = train_s_before + time.perf_counter() - start
         if info.main:
             weights = ema.module if ema is not None else model
             ck_meta = dict(meta, epoch=epoch + 1, val_top1=score)
@@ -380,17 +394,17 @@ def train(args, info):
                 C.save_checkpoint(out / "best.safetensors", weights, ck_meta)
             T.save_state(out / "last.pth", dict(
                 args=vars(args), epoch=epoch + 1, updates=updates, rows=rows, best=best, rng=rng,
+                train_s=run_s,
                 model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                 scaler=scaler.state_dict(), ema=ema.module.state_dict() if ema is not None else None))
             C.write_rows(out / "metrics.csv", rows)
             plot_curves(rows, out / "curves.png", args.model, 0.0 if mixup else args.smoothing)
     bar.close()
 
-    wall = time.perf_counter() - start
     last = rows[-1]
     summary = dict(model=args.model, params_m=C.count_params(model) / 1e6, epochs=last["epoch"],
                    img_size=args.img_size, val_top1=last["val_top1"], val_top5=last["val_top5"],
-                   ema_val_top1=last.get("ema_val_top1"), best_top1=best, val_loss=last["val_loss"], train_s=wall,
+                   ema_val_top1=last.get("ema_val_top1"), best_top1=best, val_loss=last["val_loss"], train_s=run_s,
                    world_size=info.world, checkpoint=str(out / "checkpoint.safetensors"))
     if info.main:
         with open(out / "summary.json", "w") as f:

@@ -7,6 +7,8 @@ stage 0) and stages 0..k-1; ``-1`` freezes nothing, ``0`` the stem only.
 """
 import copy
 import functools
+import logging
+import sys
 from typing import Dict, List, Optional, Sequence
 
 import timm
@@ -14,7 +16,10 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..backbones._helpers import load_checkpoint_file
+from ..backbones._helpers import CheckpointError, load_checkpoint_file
+from ..convert import convert_command
+
+_logger = logging.getLogger(__name__)
 
 
 def stage_info(model_name: str, **model_kwargs) -> List[Dict]:
@@ -55,6 +60,48 @@ def _check_indices(model_name: str, out_indices: Sequence[int], num_stages: int)
     return idx
 
 
+def _fit_to_body(sd: Dict[str, torch.Tensor], full: nn.Module, body_sd: Dict[str, torch.Tensor]):
+    """Match a state dict in ``full``'s (the classification model's) key names to its features model:
+    ``(tensors to load, by body name; missing, unexpected, shape mismatches)``. The classifier and the
+    parts the features model drops (final norm, later stages) are neither loaded nor unexpected."""
+    to_body = {}
+    for k in full.state_dict():
+        # FeatureListNet flattens "stages.0.x" to "stages_0.x"; FeatureGetterNet keeps the model as ``model.``
+        for candidate in (k, "model." + k, k.replace(".", "_", 1)):
+            if candidate in body_sd:
+                to_body[k] = candidate
+                break
+    cfg = full.pretrained_cfg
+
+    def names(v):
+        return (v,) if isinstance(v, str) else tuple(v or ())
+    classifier = tuple(c + "." for c in names(cfg.get("classifier")))
+    first_conv = {c + ".weight" for c in names(cfg.get("first_conv"))}
+    known = set(full.state_dict())
+    loaded, unexpected, shapes = {}, [], []
+    for k, v in sd.items():
+        if k not in to_body:
+            if k not in known and not k.startswith(classifier):
+                unexpected.append(k)
+            continue
+        want = body_sd[to_body[k]].shape
+        if k in first_conv and v.ndim == 4 and v.shape[0] == want[0] and v.shape[1] != want[1]:
+            v = timm.models.adapt_input_conv(want[1], v)  # in_chans != 3, as timm's pretrained path does
+        if v.shape != want:
+            shapes.append(f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(want)}")
+        else:
+            loaded[to_body[k]] = v
+    from_body = {b: k for k, b in to_body.items()}
+    # BatchNorm's step counters: absent from old official files, unused unless momentum=None
+    missing = [from_body.get(b, b) for b in body_sd
+               if b not in loaded and from_body.get(b, b) not in sd and not b.endswith("num_batches_tracked")]
+    return loaded, sorted(missing), sorted(unexpected), sorted(shapes)
+
+
+def _first(xs: List[str], n: int = 20) -> str:
+    return ", ".join(xs[:n]) + (f" ... (+{len(xs) - n})" if len(xs) > n else "")
+
+
 class AttnZooBackbone(nn.Module):
     """Multi-scale features of a registered model, for detection and segmentation necks.
 
@@ -67,13 +114,17 @@ class AttnZooBackbone(nn.Module):
         drop_path_rate: stochastic depth; ``None`` keeps the model's default.
         checkpoint: local weights file, safetensors or a weights-only ``torch.load`` file, in attnzoo's
             layout or the official one (the family's ``checkpoint_filter_fn`` converts it); the classifier
-            is dropped.
+            and whatever else the stages don't use (final norm, later stages) are dropped.
+        strict: with a ``checkpoint``, raise :class:`~attnzoo.backbones._helpers.CheckpointError` listing
+            the missing and unexpected keys and shape mismatches unless every stage weight is in the file
+            and every file tensor belongs to the model. ``False`` loads the tensors that fit (at least one
+            must) and logs the same report as a warning.
         **model_kwargs: passed to the model, e.g. ``kernel_size`` or ``dilations`` for NAT/DiNAT.
     """
 
     def __init__(self, model_name: str, out_indices: Sequence[int] = (0, 1, 2, 3), frozen_stages: int = -1,
                  norm_eval: bool = False, drop_path_rate: Optional[float] = None, checkpoint: Optional[str] = None,
-                 **model_kwargs):
+                 strict: bool = True, **model_kwargs):
         super().__init__()
         if drop_path_rate is not None:
             model_kwargs["drop_path_rate"] = drop_path_rate
@@ -84,18 +135,46 @@ class AttnZooBackbone(nn.Module):
         self.model_name, self.frozen_stages, self.norm_eval = model_name, frozen_stages, norm_eval
         self.checkpoint = checkpoint
 
-        extra = {}
-        if checkpoint:
-            # timm drops the classifier and runs the family's pretrained_filter_fn, so official layouts load too
-            extra = dict(pretrained=True, pretrained_cfg_overlay=dict(state_dict=load_checkpoint_file(checkpoint)))
         self.body = timm.create_model(model_name, features_only=True,
-                                      out_indices=[stages[i]["index"] for i in self.out_indices],
-                                      **extra, **model_kwargs)
+                                      out_indices=[stages[i]["index"] for i in self.out_indices], **model_kwargs)
+        if checkpoint:
+            self._load_checkpoint(str(checkpoint), strict, model_kwargs)
         self.out_channels = [stages[i]["num_chs"] for i in self.out_indices]
         self.strides = [stages[i]["reduction"] for i in self.out_indices]
         # names, not objects: SyncBN conversion (mmengine's sync_bn, DDP set-ups) swaps the BN modules
         self._frozen_names = self._freeze([s["module"] for s in stages])
         self.train()
+
+    def _load_checkpoint(self, path: str, strict: bool, model_kwargs: Dict) -> None:
+        """Load ``path`` into the features model, after the family's ``checkpoint_filter_fn`` (official
+        layouts). Not through timm's pretrained path: that loads a ``features_only`` model non-strictly,
+        whatever the file holds."""
+        try:
+            sd = load_checkpoint_file(path)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{e}; make it with: {convert_command(self.model_name, path)} "
+                                    f"(or pass checkpoint=None to train from scratch)") from e
+        with torch.device("meta"):  # the classification model the file describes, without memory
+            full = timm.create_model(self.model_name, **model_kwargs)
+        module = sys.modules.get(timm.models.model_entrypoint(full.pretrained_cfg["architecture"]).__module__)
+        filter_fn = getattr(module, "checkpoint_filter_fn", None)
+        if filter_fn is not None:
+            try:
+                sd = filter_fn(sd, full)
+            except Exception as e:
+                raise CheckpointError(f"{path}: {module.__name__}.checkpoint_filter_fn failed "
+                                      f"({type(e).__name__}: {e})") from e
+        loaded, missing, unexpected, shapes = _fit_to_body(sd, full, self.body.state_dict())
+        if missing or unexpected or shapes:
+            report = f"checkpoint {path} does not fit {self.model_name}: " + "; ".join(
+                f"{what} [{_first(xs)}]" for what, xs in (
+                    ("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)) if xs)
+            if not loaded:
+                raise CheckpointError(f"{report}; none of its tensors fit: is it a {self.model_name} checkpoint?")
+            if strict:
+                raise CheckpointError(f"{report}; pass strict=False to load the tensors that fit")
+            _logger.warning(f"{report}; strict=False: loading the {len(loaded)} tensors that fit")
+        self.body.load_state_dict(loaded, strict=False)
 
     def _submodule(self, name: str) -> nn.Module:
         # FeatureListNet flattens "stages.0" to "stages_0"; FeatureGetterNet keeps the model as ``.model``

@@ -5,6 +5,7 @@ import torch
 from safetensors.torch import save_file
 
 import attnzoo
+from attnzoo.backbones._helpers import CheckpointError
 from attnzoo.heads import AttnZooBackbone, feature_channels, stage_info
 
 TINY = attnzoo.list_models("test_*")  # one or more per family; new families join automatically
@@ -125,12 +126,77 @@ def test_checkpoint_in_official_layout_converts(tmp_path):
 def test_checkpoint_refuses_pickled_objects(tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"state_dict": {}, "obj": _Opaque()}, path)
-    with pytest.raises(ValueError, match="weights-only"):
+    with pytest.raises(CheckpointError, match="evil.pth: not a weights-only checkpoint"):
         AttnZooBackbone("test_cbam_resnet", checkpoint=str(path))
 
 
 class _Opaque:
     pass
+
+
+def test_checkpoint_that_does_not_fit_is_refused_by_name(tmp_path):
+    """A file of foreign keys loaded nothing and said nothing: now strict by default, with the report."""
+    path = tmp_path / "foo.safetensors"
+    save_file({"foo.weight": torch.zeros(3)}, str(path))
+    with pytest.raises(CheckpointError, match=r"foo\.safetensors does not fit test_nat: missing keys \[.*"
+                                              r"unexpected keys \[foo\.weight\]"):
+        AttnZooBackbone("test_nat", checkpoint=str(path))
+    with pytest.raises(CheckpointError, match="none of its tensors fit"):  # strict=False needs a partial fit
+        AttnZooBackbone("test_nat", checkpoint=str(path), strict=False)
+
+
+def test_strict_false_loads_what_fits_and_logs_the_report(tmp_path, caplog):
+    model = _perturbed_state("test_nat")
+    sd = dict(model.state_dict())
+    gone = next(k for k in sd if k.startswith("levels.0.") and k.endswith("gamma1"))
+    del sd[gone]
+    sd["extra.weight"] = torch.zeros(2)
+    sd["levels.1.blocks.0.mlp.fc1.bias"] = torch.zeros(3)  # wrong shape
+    path = tmp_path / "partial.safetensors"
+    save_file(sd, str(path))
+    with pytest.raises(CheckpointError, match=rf"missing keys \[{gone}\]; unexpected keys \[extra\.weight\]; "
+                                              r"shape mismatches \[levels\.1\.blocks\.0\.mlp\.fc1\.bias.*strict=False"):
+        AttnZooBackbone("test_nat", checkpoint=str(path))
+    with caplog.at_level("WARNING", logger="attnzoo.heads.backbone"):
+        backbone = AttnZooBackbone("test_nat", checkpoint=str(path), strict=False)
+    assert "partial.safetensors does not fit test_nat" in caplog.text and gone in caplog.text
+    loaded = backbone.body.state_dict()
+    key = "model.levels.0.blocks.0.mlp.fc1.weight"  # FeatureGetterNet keeps the model as .model
+    torch.testing.assert_close(loaded[key], model.state_dict()[key[len("model."):]])
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_checkpoint_loads_every_stage_and_drops_the_rest(name, tmp_path):
+    """Full-model files (classifier, final norm, later stages) load into any out_indices, strictly."""
+    model = _perturbed_state(name)
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    backbone = AttnZooBackbone(name, out_indices=(0, 1), checkpoint=str(path)).eval()
+    x = torch.randn(1, 3, 64, 64)
+    stages = [s["index"] for s in stage_info(name)][:2]
+    want = model.eval().forward_intermediates(x, indices=stages, intermediates_only=True)
+    for got, ref in zip(backbone(x), want):
+        torch.testing.assert_close(got, ref)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "garbage"])
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_corrupt_checkpoint_is_one_clear_error(tmp_path, damage, suffix):
+    path = tmp_path / f"w{suffix}"
+    sd = {k: v.contiguous() for k, v in timm.create_model("test_nat").state_dict().items()}
+    save_file(sd, str(path)) if suffix == ".safetensors" else torch.save(sd, path)
+    data = path.read_bytes()
+    path.write_bytes({"truncated": data[:len(data) // 2], "empty": b"", "garbage": b"not weights\n" * 8}[damage])
+    with pytest.raises(CheckpointError, match=rf"{path.name}: .*(truncated or corrupt|corrupt)"):
+        AttnZooBackbone("test_nat", checkpoint=str(path))
+
+
+def test_missing_checkpoint_says_how_to_make_it(tmp_path):
+    path = tmp_path / "nat.safetensors"
+    with pytest.raises(FileNotFoundError, match=rf"checkpoint not found: .*nat\.safetensors; make it with: python "
+                                                rf"tools/convert_checkpoint\.py --model test_nat .*--output .*"
+                                                rf"nat\.safetensors.*checkpoint=None"):
+        AttnZooBackbone("test_nat", checkpoint=str(path))
 
 
 def test_drop_path_rate_and_model_kwargs_reach_the_model():

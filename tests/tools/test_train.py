@@ -195,6 +195,22 @@ def test_resume_after_a_kill_equals_the_unbroken_run(tmp_path):
     assert C.read_checkpoint_meta(tmp_path / "cut" / "checkpoint.safetensors")["weights"] == "ema"
 
 
+def test_resume_accumulates_train_time_and_a_finished_run_stays_finished(tmp_path, capsys):
+    """train_s counts every process of the run; --resume of a finished run trains nothing, says so and
+    leaves summary.json alone."""
+    run = ["--epochs", "2", "--limit", "32", "--batch-size", "16"]
+    half = train.main(_argv(tmp_path, *run, "--stop-epoch", "1"))
+    assert half["train_s"] == torch.load(tmp_path / "last.pth", weights_only=True)["train_s"] > 0
+    full = train.main(_argv(tmp_path, *run, "--resume"))
+    assert full["epochs"] == 2 and full["train_s"] > half["train_s"]
+    assert full["train_s"] == torch.load(tmp_path / "last.pth", weights_only=True)["train_s"]
+    saved = (tmp_path / "summary.json").read_text()
+    capsys.readouterr()
+    again = train.main(_argv(tmp_path, *run, "--resume"))
+    assert "already finished at epoch 2" in capsys.readouterr().out
+    assert again == full and (tmp_path / "summary.json").read_text() == saved
+
+
 class _CallsOnLoad:
     def __reduce__(self):
         return print, ("training state code ran",)
