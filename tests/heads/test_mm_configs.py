@@ -102,3 +102,15 @@ def _all_finite(out):
     if isinstance(out, torch.Tensor):
         return bool(torch.isfinite(out).all())
     return all(_all_finite(o) for o in out)
+
+
+def test_loading_a_config_prints_no_pkg_resources_warning():
+    # mmengine re-imports pkg_resources on every `mmdet::` lookup; a user script should not see it
+    import subprocess
+    import sys
+
+    code = ("import attnzoo.heads.mm\nfrom mmengine.config import Config\n"
+            f"Config.fromfile({str(CONFIGS / 'mmdet/toy/retinanet_test_cbam_resnet_fpn_toy.py')!r})\n")
+    proc = subprocess.run([sys.executable, "-W", "default", "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "pkg_resources" not in proc.stderr, proc.stderr[-2000:]

@@ -7,12 +7,18 @@ Importing it also, before any mmdet/mmseg model code loads:
 """
 import importlib
 import importlib.util
+import warnings
 
 from ..backbone import AttnZooBackbone, feature_channels, stage_info
 from . import checkpoint, mmcv_ops
 
 if importlib.util.find_spec("mmengine") is None or importlib.util.find_spec("mmcv") is None:
     raise ImportError('attnzoo.heads.mm needs the OpenMMLab stack: pip install -e ".[mm]"')
+
+# mmengine's package_utils imports (and reloads) pkg_resources on every `mmdet::` config lookup, and
+# setuptools warns each time. Only those two call sites are silenced: a user's own import still warns.
+for _module in (r"mmengine\.utils\.package_utils", r"importlib"):
+    warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning, module=_module)
 
 MMCV_OPS_FALLBACK = mmcv_ops.install()
 checkpoint.install()
