@@ -11,7 +11,7 @@ import timm
 import torch
 from timm.models import split_model_name_tag
 from timm.models._hub import save_config_for_hf
-from timm.models._registry import _model_to_module
+from timm.models import model_entrypoint
 
 from . import backbones
 from ._registry import list_models
@@ -46,7 +46,7 @@ def family_of(model_name: str) -> str:
     arch = split_model_name_tag(model_name)[0]  # a pretrained tag ('name.tag') picks a cfg, not a family
     if arch not in list_models():
         raise ValueError(f"{model_name!r} is not an attnzoo model; choose from {list_models()}")
-    return _model_to_module[arch]
+    return model_entrypoint(arch).__module__.rsplit(".", 1)[-1]  # the family file that registered it
 
 
 def convert_state_dict(checkpoint, model: torch.nn.Module, family: str) -> Dict[str, torch.Tensor]:

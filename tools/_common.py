@@ -1,4 +1,4 @@
-"""Helpers shared by tools/train.py, validate.py and benchmark.py.
+"""Helpers shared by the classification tools (train, validate, benchmark, compare, export_onnx, gpu_readiness).
 
 The embedded digits dataset, a corrupt-file tolerant ImageFolder, model creation
 with a clear error, untrusted-checkpoint I/O, the eval loop and result tables.
@@ -12,19 +12,16 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-_ROOT = Path(__file__).resolve().parent.parent
-if str(_ROOT) not in sys.path:
-    sys.path.append(str(_ROOT))  # source checkout without `pip install -e .`; an installed attnzoo wins
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import Dataset, default_collate
 
-import attnzoo  # noqa: E402  (registers our models with timm)
-from attnzoo.backbones._helpers import CheckpointError, key_report, load_checkpoint_file  # noqa: E402
-from attnzoo.convert import convert_command, write_safetensors  # noqa: E402
-import numpy as np  # noqa: E402
-import timm  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from PIL import Image  # noqa: E402
-from torch.utils.data import Dataset, default_collate  # noqa: E402
+import attnzoo  # registers our models with timm
+from attnzoo.backbones._helpers import CheckpointError, key_report, load_checkpoint_file
+from attnzoo.convert import convert_command, write_safetensors
 
 DIGITS_SPLIT_SEED = 0  # fixed, independent of --seed, so validate.py sees the very split train.py held out
 DIGITS_SIZE = 32
@@ -358,6 +355,12 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_device(device: str) -> None:
+    """One line, not torch's lazy-init traceback, for ``--device cuda`` on a machine without CUDA."""
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {device} but CUDA is not available")
 
 
 def fmt(v, digits: int = 2) -> str:

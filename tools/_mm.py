@@ -1,14 +1,11 @@
-"""Shared by tools/mm_train.py and mm_test.py: arguments and an mmengine Runner from a config."""
+"""Shared by tools/mm_train.py and mm_test.py: arguments and an mmengine Runner from a config.
+
+Apart from tools/_common.py because it needs the OpenMMLab stack (``.[mm]``), which the other tools do not.
+"""
 import argparse
 import os
 import os.path as osp
-import sys
 import warnings
-from pathlib import Path
-
-_ROOT = Path(__file__).resolve().parent.parent
-if str(_ROOT) not in sys.path:
-    sys.path.append(str(_ROOT))  # source checkout without `pip install -e .`; an installed attnzoo wins
 
 # mmengine imports pkg_resources, which setuptools<81 deprecates loudly on every import
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)

@@ -24,15 +24,16 @@ import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, also when imported by path (tests)
-import _common as C  # noqa: E402  (also puts a source checkout's attnzoo on the path)
-import attnzoo  # noqa: E402,F401  (registers our models with timm)
+import timm
+import torch
+import torch.nn.functional as F
 
-import timm  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+if __name__ == "__main__" and not __package__:  # run by path: see tools/_bootstrap.py
+    import _bootstrap  # noqa: F401
+
+import attnzoo  # noqa: E402  (registers our models with timm)
+from tools import _common as C  # noqa: E402
 
 # ours -> the timm model it extends; families named <attn>_<timm name> need no entry (see peer_for)
 PEERS = {
@@ -603,8 +604,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     if args.steps < 1:
         raise SystemExit("error: --steps must be >= 1")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but CUDA is not available")
+    C.check_device(args.device)
     overrides = {}
     for item in args.peer:
         model, _, peer = item.rpartition("=")

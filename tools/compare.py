@@ -26,12 +26,14 @@ import time
 import types
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as C  # noqa: E402
-import benchmark as B  # noqa: E402  (Bench, gmacs, interleaved: one timing method for every tool)
+import timm
+import torch
 
-import timm  # noqa: E402
-import torch  # noqa: E402
+if __name__ == "__main__" and not __package__:  # run by path: see tools/_bootstrap.py
+    import _bootstrap  # noqa: F401
+
+from tools import _common as C  # noqa: E402
+from tools import benchmark as B  # noqa: E402  (Bench, gmacs, interleaved: one timing method for every tool)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -187,8 +189,7 @@ def main(argv=None):
         args.batch_size, args.steps, args.warmup = 1, 1, 0
     if args.batch_size is None:
         args.batch_size = 32 if args.device == "cuda" else 8
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but CUDA is not available")
+    C.check_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     families = dict(TIER)

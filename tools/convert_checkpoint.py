@@ -21,8 +21,11 @@ import sys
 
 import timm
 
-import attnzoo  # noqa: F401  (registers models)
-from attnzoo.convert import convert_checkpoint, family_of, save_local_dir, write_safetensors
+if __name__ == "__main__" and not __package__:  # run by path: see tools/_bootstrap.py
+    import _bootstrap  # noqa: F401
+
+import attnzoo  # noqa: E402,F401  (registers models)
+from attnzoo.convert import convert_checkpoint, family_of, save_local_dir, write_safetensors  # noqa: E402
 
 
 def parse_args(argv=None):

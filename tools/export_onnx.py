@@ -27,16 +27,17 @@ biases would otherwise switch whole branches off and let a broken export pass.
 import argparse
 import logging
 import os
-import sys
 import time
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as C  # noqa: E402  (also puts a source checkout's attnzoo on the path)
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+if __name__ == "__main__" and not __package__:  # run by path: see tools/_bootstrap.py
+    import _bootstrap  # noqa: F401
+
+from tools import _common as C  # noqa: E402
 
 COLUMNS = ["check", "input", "max_abs_err", "max_rel_err", "ok"]
 

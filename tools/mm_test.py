@@ -8,11 +8,10 @@
 ``<work_dir>/<timestamp>/<show-dir>`` for mmdet and ``<show-dir>`` for mmseg; ``--out`` dumps the raw
 predictions (mmdet: a pickle; mmseg: a folder of label PNGs), as mmdet's and mmseg's own test tools do.
 """
-import sys
-from pathlib import Path
+if __name__ == "__main__" and not __package__:  # run by path: see tools/_bootstrap.py
+    import _bootstrap  # noqa: F401
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # _mm, also when imported by path (tests)
-import _mm  # noqa: E402
+from tools import _mm  # noqa: E402
 
 
 def main(argv=None):

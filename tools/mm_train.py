@@ -8,11 +8,10 @@
 Besides mmengine's logs and checkpoints, the work dir gets ``curves.png``: training loss, learning
 rate and validation metrics against the iteration, read from the run's ``scalars.json``.
 """
-import sys
-from pathlib import Path
+if __name__ == "__main__" and not __package__:  # run by path: see tools/_bootstrap.py
+    import _bootstrap  # noqa: F401
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # _mm, also when imported by path (tests)
-import _mm  # noqa: E402
+from tools import _mm  # noqa: E402
 
 
 def main(argv=None):

@@ -23,13 +23,14 @@ import contextlib
 import json
 import os
 import random
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, also when imported by path (tests)
-import _common as C  # noqa: E402  (imports attnzoo, which registers our models; a source checkout too)
-import _train_utils as T  # noqa: E402
+if __name__ == "__main__" and not __package__:  # run by path: see tools/_bootstrap.py
+    import _bootstrap  # noqa: F401
+
+from tools import _common as C  # noqa: E402  (imports attnzoo, which registers our models)
+from tools import _train_utils as T  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

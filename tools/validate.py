@@ -13,11 +13,11 @@ num_classes, img_size and class order come from its metadata unless given.
 """
 import argparse
 import os
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, also when imported by path (tests)
-import _common as C  # noqa: E402  (also puts a source checkout's attnzoo on the path)
+if __name__ == "__main__" and not __package__:  # run by path: see tools/_bootstrap.py
+    import _bootstrap  # noqa: F401
+
+from tools import _common as C  # noqa: E402
 import attnzoo  # noqa: E402,F401  (registers our models with timm)
 
 import torch  # noqa: E402

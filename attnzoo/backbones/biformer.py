@@ -26,12 +26,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from timm.layers import ClassifierHead, DropPath
-from timm.models import build_model_with_cfg, generate_default_cfgs
+from timm.models import generate_default_cfgs
 
 from .._registry import register_model
 from ..layers.bra import BiLevelRoutingAttention
 from ._helpers import (
     ClassifierHeadMixin, StagedFeaturesMixin, cfg, init_linear_layernorm, remap_keys, unwrap_state_dict)
+from ._pretrained import build_model
 
 __all__ = ["BiFormer"]
 
@@ -207,7 +208,7 @@ def checkpoint_filter_fn(state_dict, model=None):
 
 
 def _create_biformer(variant, pretrained=False, **kwargs):
-    return build_model_with_cfg(
+    return build_model(
         BiFormer, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3)), **kwargs)
 
@@ -220,10 +221,19 @@ def _cfg(**kwargs):
         origin_url="https://github.com/rayleizhu/BiFormer"), **kwargs))
 
 
+# the OneDrive API links of the official models/biformer.py (model_urls) and README: {'model', ...,
+# 'args'} checkpoints; 'model' is what the official loader takes (not 'model_ema')
+_ONEDRIVE_URL = "https://api.onedrive.com/v1.0/shares/{}/root/content"
+_NOTES = ("OneDrive names every file 'content': cached as <model>.<tag>_<digest>.pth. BiFormer issue #53 "
+          "(2026-03) reports these links failing ('The provided share id was malformed'); the same files are "
+          "in the OneDrive folder https://1drv.ms/u/s!AkBbczdRlZvChGsXFqAA-PVnA-R8?e=IPlOCG. A checkpoint "
+          "written by hydra_main.py keeps an OmegaConf 'args', which weights-only loading refuses (the real "
+          "files were not checked).",)
+
 default_cfgs = generate_default_cfgs({
-    "biformer_tiny.official_in1k": _cfg(),
-    "biformer_small.official_in1k": _cfg(),
-    "biformer_base.official_in1k": _cfg(),
+    "biformer_tiny.in1k": _cfg(url=_ONEDRIVE_URL.format("s!AkBbczdRlZvChHEOoGkgwgQzEDlM"), notes=_NOTES),
+    "biformer_small.in1k": _cfg(url=_ONEDRIVE_URL.format("s!AkBbczdRlZvChHDyM-x9KWRBZ832"), notes=_NOTES),
+    "biformer_base.in1k": _cfg(url=_ONEDRIVE_URL.format("s!AkBbczdRlZvChHI_XPhoadjaNxtO"), notes=_NOTES),
     "test_biformer.untrained": _cfg(input_size=(3, 64, 64), pool_size=(2, 2)),
 })
 

@@ -11,12 +11,13 @@ official-checkpoint mapping and the registrations. Unlike the official model
 """
 from functools import partial
 
-from timm.models import build_model_with_cfg, generate_default_cfgs
+from timm.models import generate_default_cfgs
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from .._registry import register_model
 from ..layers.cbam import CbamGate
 from ._helpers import cfg, remap_keys, unwrap_state_dict
+from ._pretrained import build_model
 
 __all__ = []
 
@@ -38,11 +39,12 @@ def _create_cbam_resnet(variant, block, layers, pretrained=False, **kwargs):
         block=block, layers=layers, block_args=dict(attn_layer=CbamGate),
         zero_init_last=False,  # the official init leaves the last BN at one
     )
-    return build_model_with_cfg(
+    return build_model(
         ResNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **dict(model_args, **kwargs))
 
 
 def _cfg(**kwargs):
+    # official eval (train_imagenet.py): Scale(256) bilinear, centre crop 224
     return cfg(
         first_conv="conv1", classifier="fc", license="mit", paper_ids="arXiv:1807.06521",
         paper_name="CBAM: Convolutional Block Attention Module",
@@ -52,8 +54,12 @@ def _cfg(**kwargs):
 default_cfgs = generate_default_cfgs({
     "cbam_resnet18.untrained": _cfg(),
     "cbam_resnet34.untrained": _cfg(),
-    "cbam_resnet50.official": _cfg(),
-    "cbam_resnet101.official": _cfg(),
+    # the only released checkpoint (README: ResNet50+CBAM, 100 epochs, top-1 77.622), a Google Drive page
+    "cbam_resnet50.in1k": _cfg(notes=(
+        "No direct link: Google Drive share page https://drive.google.com/file/d/1mvAVvhLR_2XY_bPYxh-SEz4vDmGzSArO/"
+        "view?usp=sharing (RESNET50_CBAM_new_name_wrap.pth). Download it, then convert it "
+        "(tools/convert_checkpoint.py) or pass pretrained_cfg_overlay=dict(file=<it>).",)),
+    "cbam_resnet101.untrained": _cfg(),
     "test_cbam_resnet.untrained": _cfg(input_size=(3, 64, 64), pool_size=(2, 2)),
 })
 

@@ -16,13 +16,14 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 from timm.layers import ClassifierHead
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs
+from timm.models import checkpoint_seq, generate_default_cfgs
 from timm.models._features import feature_take_indices
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from .._registry import register_model
 from ..layers.eca import EcaGate
 from ._helpers import ClassifierHeadMixin, cfg, remap_keys, unwrap_state_dict
+from ._pretrained import build_model
 
 __all__ = ["EcaMobileNetV2"]
 
@@ -199,30 +200,50 @@ def _create_eca_resnet(variant, block, layers, kernel_sizes, pretrained=False, *
     channels = kwargs.get("channels", (64, 128, 256, 512))
     model_args = dict(block=block, layers=layers, block_args=dict(attn_layer=_resnet_eca(block, channels, kernel_sizes)),
                       zero_init_last=False)  # the official init leaves the last BN at one
-    return build_model_with_cfg(
+    return build_model(
         ResNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **dict(model_args, **kwargs))
 
 
 def _create_eca_mobilenet_v2(variant, pretrained=False, **kwargs):
-    return build_model_with_cfg(
+    return build_model(
         EcaMobileNetV2, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3, 4)), **kwargs)
 
 
 def _cfg(**kwargs):
+    # official eval (main.py): Resize(256) bilinear, centre crop 224
     return cfg(**dict(dict(
         first_conv="conv1", classifier="fc", license="mit", paper_ids="arXiv:1910.03151",
         paper_name="ECA-Net: Efficient Channel Attention for Deep Convolutional Neural Networks",
         origin_url="https://github.com/BangguWu/ECANet"), **kwargs))
 
 
+def _released(file: str, drive_id: str, baidu: str, code: str):
+    # the README's BaiduDrive (with extract code) and Google Drive share pages: no direct link
+    return (f"No direct link: {file} is on Google Drive https://drive.google.com/open?id={drive_id} and "
+            f"BaiduDrive {baidu} (extract code {code}). Download it, then convert it (tools/convert_checkpoint.py) "
+            f"or pass pretrained_cfg_overlay=dict(file=<it>).",)
+
+
 default_cfgs = generate_default_cfgs({
-    "eca_resnet18.official_k3577": _cfg(),
-    "eca_resnet34.official_k3357": _cfg(),
-    "eca_resnet50.official_k3557": _cfg(),
-    "eca_resnet101.official_k3357": _cfg(),
-    "eca_resnet152.official_k3357": _cfg(),
-    "eca_mobilenet_v2.official_k13": _cfg(first_conv="features.0.0", classifier="head.fc"),
+    "eca_resnet18.in1k": _cfg(notes=_released(
+        "eca_resnet18_k3577", "1LMRFRTyzVifGBi2MUpTuYEWW44S8mwyl", "https://pan.baidu.com/s/1Bh9J7VY2tYj5oEvEEqvdhQ",
+        "utsy")),
+    "eca_resnet34.in1k": _cfg(notes=_released(
+        "eca_resnet34_k3357", "15LV5Jkea3GPzvLP5__H7Gg88oNQUxBDE", "https://pan.baidu.com/s/1FFVUBbbJfNNFhyiZZ2P2AQ",
+        "o4dh")),
+    "eca_resnet50.in1k": _cfg(notes=_released(
+        "eca_resnet50_k3557", "1670rce333c_lyMWFzBlNZoVUvtxbCF_U", "https://pan.baidu.com/s/18LXDcxy8qG66h-7FlWW4SA",
+        "no6u")),
+    "eca_resnet101.in1k": _cfg(notes=_released(
+        "eca_resnet101_k3357", "1b5FQ8yDFnZ_UhvWT9txmjI_LjbKkgnvC", "https://pan.baidu.com/s/1-ageRP2tku-YSIOqU09WpA",
+        "iov1")),
+    "eca_resnet152.in1k": _cfg(notes=_released(
+        "eca_resnet152_k3357", "1_bYnaOg9ptsILC_iC7uQ5Izv-u2rjYG5", "https://pan.baidu.com/s/1tPxHAltlcpI93CXUkW9ZOQ",
+        "xaft")),
+    "eca_mobilenet_v2.in1k": _cfg(first_conv="features.0.0", classifier="head.fc", notes=_released(
+        "eca_mobilenetv2_k13", "1FxzeXPg1SJQZzVVH4HRjMeq_SVMfidUm", "https://pan.baidu.com/s/143B03YTGE2ogkPoCj3IorQ",
+        "atpt")),
     "test_eca_resnet.untrained": _cfg(input_size=(3, 64, 64), pool_size=(2, 2)),
 })
 

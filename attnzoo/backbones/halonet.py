@@ -24,7 +24,7 @@ from dataclasses import replace
 from functools import partial
 from typing import Any, Dict
 
-from timm.models import build_model_with_cfg, generate_default_cfgs
+from timm.models import generate_default_cfgs
 from timm.models.byoanet import model_cfgs as _timm_byoa_cfgs
 from timm.layers import make_divisible
 from timm.models.byobnet import ByoBlockCfg, ByoModelCfg, ByobNet, SelfAttnBlock
@@ -33,6 +33,7 @@ from timm.models.byobnet import checkpoint_filter_fn as _byob_filter_fn
 from .._registry import register_model
 from ..layers.halo import HaloAttention
 from ._helpers import cfg, unwrap_state_dict
+from ._pretrained import build_model
 
 __all__ = ["halo_model_cfg"]
 
@@ -131,7 +132,7 @@ def checkpoint_filter_fn(state_dict, model=None):
 
 
 def _create_halonet(variant: str, pretrained: bool = False, **kwargs) -> ByobNet:
-    return build_model_with_cfg(
+    return build_model(
         ByobNet, variant, pretrained,
         model_cfg=model_cfgs[variant],
         pretrained_filter_fn=checkpoint_filter_fn,

@@ -168,11 +168,11 @@ def test_value_wide_block_widens_values_only():
 
 
 def test_timm_names_untouched():
-    from timm.models._registry import _model_entrypoints
+    from timm.models import model_entrypoint
     for name in ("halonet26t", "halonet50ts", "halonet_h1"):
-        assert _model_entrypoints[name].__module__.startswith("timm."), name
+        assert model_entrypoint(name).__module__.startswith("timm."), name
     for name in ("attn_halonet26t", "attn_halonet50ts", "test_attn_halonet", "haloattn_h0", "haloattn_h4"):
-        assert _model_entrypoints[name].__module__ == "attnzoo.backbones.halonet", name
+        assert model_entrypoint(name).__module__ == "attnzoo.backbones.halonet", name
 
 
 @pytest.mark.parametrize("size", [(64, 48), (33, 47), (100, 72)])

@@ -1,6 +1,5 @@
 """tools/mm_train.py with a backbone checkpoint that is missing, damaged or another model's: one line that names
 the file and the fix, before or instead of mmengine's build traceback."""
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -10,20 +9,11 @@ from mmengine.config import Config
 from safetensors.torch import save_file
 
 from attnzoo.heads.mm.config import use_backbone
+from tools import mm_train
 
 ROOT = Path(__file__).resolve().parents[2]
 COCO = ROOT / "configs/mmdet/retinanet_nat_tiny_fpn_1x_coco.py"
 TOY = ROOT / "configs/mmdet/toy/retinanet_test_cbam_resnet_fpn_toy.py"
-
-
-def _tool(name):
-    spec = importlib.util.spec_from_file_location(f"attnzoo_tools_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-mm_train = _tool("mm_train")
 
 
 def test_coco_config_without_converted_weights_says_how_to_make_them(tmp_path, monkeypatch):

@@ -1,6 +1,5 @@
 """CPU training through tools/mm_train.py on the toy shapes set: RetinaNet and Mask R-CNN validated with
 CocoMetric, UPerNet with mIoU, each on two attnzoo families; resume and tools/mm_test.py on the result."""
-import importlib.util
 import itertools
 import math
 from pathlib import Path
@@ -8,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from attnzoo.heads import feature_channels
+from tools import make_toy_data, mm_test, mm_train
 
 ROOT = Path(__file__).resolve().parents[2]
 TOY = {
@@ -16,16 +16,6 @@ TOY = {
     "upernet": ROOT / "configs/mmseg/toy/upernet_test_nat_toy.py",
 }
 _counter = itertools.count()
-
-
-def _tool(name):
-    spec = importlib.util.spec_from_file_location(f"attnzoo_tools_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-mm_train, mm_test, make_toy_data = _tool("mm_train"), _tool("mm_test"), _tool("make_toy_data")
 
 
 @pytest.fixture(scope="module")

@@ -1,24 +1,11 @@
 """Smoke test of tools/compare.py --quick: the table, the plot, and missing models listed, not fatal."""
 import csv
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 
 import attnzoo
-
-TOOLS = Path(__file__).resolve().parents[2] / "tools"
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(f"attnzoo_tools_{name}", TOOLS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-compare = _load("compare")
+from tools import compare
 
 
 @pytest.fixture(autouse=True)

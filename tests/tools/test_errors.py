@@ -1,9 +1,6 @@
 """What the tools and the ``pretrained_cfg_overlay=dict(file=...)`` path say about missing, damaged or
 ill-fitting weights files and unscorable data: one line that names the file and the fix."""
-import importlib.util
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import timm
@@ -12,20 +9,11 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from attnzoo.backbones._helpers import CheckpointError
+from tools import _common as C
+from tools import convert_checkpoint as convert
+from tools import validate
 
-TOOLS = Path(__file__).resolve().parents[2] / "tools"
 MODEL = "test_cbam_resnet"
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(f"attnzoo_tools_{name}", TOOLS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-validate, convert = _load("validate"), _load("convert_checkpoint")
-C = sys.modules["_common"]
 
 
 @pytest.fixture(autouse=True)

@@ -6,9 +6,7 @@ without an edit. ``torch.compile`` with inductor costs ~1-2 min per model on a b
 those tests are marked ``slow`` (``pytest -m slow tests/tools/test_export.py``); the default
 suite compiles the ops with dynamo's ``eager`` backend, which traces the same graph.
 """
-import importlib.util
 import logging
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,19 +14,9 @@ import torch
 import attnzoo
 import timm
 from attnzoo.ops import _dispatch
+from tools import export_onnx
 
-TOOLS = Path(__file__).resolve().parents[2] / "tools"
 TINY = attnzoo.list_models("test_*")
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(f"attnzoo_tools_{name}", TOOLS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-export_onnx = _load("export_onnx")
 
 
 @pytest.fixture(autouse=True)

@@ -1,26 +1,13 @@
 """Smoke tests of tools/train.py, validate.py and benchmark.py, run in-process through main(argv)."""
 import csv
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import timm
 import torch
 from PIL import Image
 
-TOOLS = Path(__file__).resolve().parents[2] / "tools"
-
-
-def _load(name):
-    # by path under a unique name: tools/ is not a package and "benchmark"/"train" are common names
-    spec = importlib.util.spec_from_file_location(f"attnzoo_tools_{name}", TOOLS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train, validate, benchmark = _load("train"), _load("validate"), _load("benchmark")
+from tools import benchmark, train, validate
 
 # attnzoo's tiny test variant once registered (tools import attnzoo); a small timm model otherwise
 MODEL = "test_cbam_resnet" if timm.is_model("test_cbam_resnet") else "resnet18"

@@ -1,7 +1,6 @@
 """tools/train.py at scale: DDP equivalence, resume, augmentation pipelines, layer decay, and
 (slow) every tiny family learning the digits."""
 import csv
-import importlib.util
 import os
 import subprocess
 import sys
@@ -13,21 +12,12 @@ import torch
 from safetensors.torch import load_file
 
 import attnzoo
+from tools import _common as C
+from tools import _train_utils as T
+from tools import train
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOLS = ROOT / "tools"
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(f"attnzoo_tools_{name}", TOOLS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train = _load("train")
-T = sys.modules["_train_utils"]  # the very module train.py uses
-C = sys.modules["_common"]
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 DATA_CFG = dict(input_size=(3, 32, 32), interpolation="bicubic", mean=MEAN, std=STD)
