@@ -48,6 +48,8 @@ FLOOR = 1e-3
 
 # Layouts a user can hand an op. "expanded" makes dim 0 stride-0 (the values repeat along it).
 LAYOUTS = ("contiguous", "transposed", "last_strided", "sliced", "permuted", "expanded")
+# 4-D feature maps (and conv weights) can also be channels_last, as ``model.to(memory_format=...)`` makes them
+MAP_LAYOUTS = LAYOUTS + ("channels_last",)
 
 
 def gen(*key) -> torch.Generator:
@@ -76,6 +78,10 @@ def arrange(values: torch.Tensor, layout: str, dtype: torch.dtype, seed: int = 0
         order = tuple(range(n - 2)) + (n - 1, n - 2) if n >= 2 else (0,)
     elif layout == "permuted":
         order = tuple(torch.randperm(n, generator=gen("perm", n, seed)).tolist())
+    elif layout == "channels_last":
+        if n != 4:
+            raise ValueError(f"channels_last needs a 4-D tensor, got shape {tuple(values.shape)}")
+        order = (0, 2, 3, 1)  # a contiguous NHWC leaf, seen as NCHW: torch.channels_last strides
     elif layout == "sliced":
         big = torch.zeros([2 * s + 1 for s in values.shape], dtype=dtype)
         leaf = big.requires_grad_()
@@ -95,7 +101,7 @@ def arrange(values: torch.Tensor, layout: str, dtype: torch.dtype, seed: int = 0
     return values, leaf.permute(inverse)
 
 
-def error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+def error(actual: torch.Tensor, expected: torch.Tensor, floor: float = FLOOR) -> float:
     a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
     if a.shape != e.shape:
         raise AssertionError(f"shape {tuple(a.shape)}, expected {tuple(e.shape)}")
@@ -103,12 +109,13 @@ def error(actual: torch.Tensor, expected: torch.Tensor) -> float:
         return 0.0
     if not torch.isfinite(a).all():
         return float("inf")
-    return ((a - e).abs().max() / (e.abs().max() + FLOOR)).item()
+    return ((a - e).abs().max() / (e.abs().max() + floor)).item()
 
 
-def check_close(actual, expected, dtype: torch.dtype, what: str, tol: Optional[float] = None) -> None:
+def check_close(actual, expected, dtype: torch.dtype, what: str, tol: Optional[float] = None,
+                floor: float = FLOOR) -> None:
     assert actual is not None, f"{what}: no gradient"
-    err = error(actual, expected)
+    err = error(actual, expected, floor)
     limit = TOL[dtype] if tol is None else tol
     assert err <= limit, f"{what}: error {err:.3g} > {limit:.3g} ({dtype})"
 
@@ -125,6 +132,7 @@ def compare(
         autocast: Optional[torch.dtype] = None,
         tol: Optional[float] = None,
         seed: int = 0,
+        floors: Optional[Dict[str, float]] = None,
 ) -> None:
     """Run ``op(**tensors, **kwargs, backend=...)`` on ``backend`` and on the float64 reference,
     and compare the output and the gradients of ``grad_of`` (names in ``values``).
@@ -133,7 +141,13 @@ def compare(
     to one of ``LAYOUTS`` (default contiguous). With ``autocast``, the backend's inputs are
     float32 (``dtype`` is ignored for them) and the run is under ``torch.autocast(device, autocast)``;
     the tolerance is that of the autocast dtype.
+
+    ``floors`` overrides ``FLOOR`` by name (``"out"`` or a name in ``grad_of``): for a result
+    that is zero in exact arithmetic but computed from terms of size ~1 (e.g. the gradient of
+    a bias that shifts every logit of a softmax row equally), a floor of 1 judges its rounding
+    against the size of those terms.
     """
+    floors = floors or {}
     layouts = layouts or {}
     kwargs = kwargs or {}
     in_dtype = torch.float32 if autocast is not None else dtype
@@ -155,7 +169,7 @@ def compare(
     limit_dtype = out_dtype
     assert y.shape == y_ref.shape, f"output shape {tuple(y.shape)}, expected {tuple(y_ref.shape)}"
     assert y.device.type == device, f"output on {y.device}, expected {device}"
-    check_close(y, y_ref, limit_dtype, "out", tol)
+    check_close(y, y_ref, limit_dtype, "out", tol, floors.get("out", FLOOR))
 
     if not grad_of:
         return
@@ -164,7 +178,7 @@ def compare(
     g = torch.autograd.grad(y, [ours_in[n] for n in grad_of], dy.to(device=device, dtype=y.dtype))
     for name, a, b in zip(grad_of, g, g_ref):
         assert a.dtype == ours_in[name].dtype, f"d{name}: dtype {a.dtype}, expected {ours_in[name].dtype}"
-        check_close(a, b, limit_dtype, f"d{name}", tol)
+        check_close(a, b, limit_dtype, f"d{name}", tol, floors.get(name, FLOOR))
 
 
 def examples(default: int) -> int:
@@ -188,4 +202,5 @@ def settings_for(default: int) -> settings:
 
 
 layouts_st = st.sampled_from(LAYOUTS)
+map_layouts_st = st.sampled_from(MAP_LAYOUTS)
 dtypes_st = st.sampled_from(DTYPES)

@@ -399,6 +399,39 @@ def test_bad_inputs():
         nbh.na2d(x[:0], x[:0], x[:0], 3)
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_bias_dtype_and_scale_rejected_before_dispatch(backend):
+    """The public op checks these for every backend (triton included: it raises before dispatch,
+    so no GPU is needed): a bias in another dtype than q, and a non-finite scale."""
+    x = torch.randn(1, 7, 7, 2, 4)
+    with pytest.raises(ValueError, match=r"rpb must have q's dtype torch.float32, got torch.float64"):
+        nbh.na2d(x, x, x, 3, rpb=torch.zeros(2, 5, 5, dtype=torch.float64), backend=backend)
+    with pytest.raises(ValueError, match=r"rpb must have q's dtype torch.float32, got torch.bfloat16"):
+        nbh.na1d(x[:, 0], x[:, 0], x[:, 0], 3, rpb=torch.zeros(2, 5, dtype=torch.bfloat16), backend=backend)
+    with pytest.raises(ValueError, match=r"rel_w must have q's dtype torch.float32, got torch.float16"):
+        nbh.na2d(x, x, x, 4, stride=2, border="zero_pad", rel_w=torch.zeros(1, 7, 7, 2, 4, dtype=torch.float16),
+                 backend=backend)
+    for bad in (float("inf"), -float("inf"), float("nan")):
+        with pytest.raises(ValueError, match=r"scale must be finite, got"):
+            nbh.na2d(x, x, x, 3, scale=bad, backend=backend)
+    with pytest.raises(ValueError, match=r"scale must be a real number, got 'a'"):
+        nbh.na1d(x[:, 0], x[:, 0], x[:, 0], 3, scale="a", backend=backend)
+
+
+def test_zero_and_negative_scale_are_attention():
+    """scale 0 is uniform attention over each window; a negative scale is legal too (every backend
+    that runs here agrees with the reference, the HaloNet flash path included)."""
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(1, 6, 5, 1, 3, generator=g, dtype=torch.float64) for _ in range(3))
+    rel = torch.randn(1, 6, 5, 1, 4, generator=g, dtype=torch.float64)
+    for scale in (0.0, -0.7):
+        for kw in (dict(kernel_size=3), dict(kernel_size=4, stride=2, border="zero_pad", rel_h=rel, rel_w=rel)):
+            want = nbh.na2d(q, k, v, scale=scale, backend="reference", **kw)
+            torch.testing.assert_close(nbh.na2d(q, k, v, scale=scale, backend="cpu", **kw), want)
+    flat = nbh.na2d(q, k, v, 5, scale=0.0, backend="cpu")  # 5 x 5 windows clamped into a 6 x 5 map
+    torch.testing.assert_close(flat[:, 0, 0], v[:, :5, :5].mean((1, 2)))
+
+
 # --------------------------------------------------------------------------- dispatch
 
 def test_dispatch(monkeypatch):

@@ -232,22 +232,19 @@ def test_bad_halo_inputs():
     nbh.na2d(x[:, :2, :3], x[:, :2, :3], x[:, :2, :3], 5, border="zero_pad")
 
 
-def test_triton_refused_without_supports_halo(monkeypatch):
-    """A triton module that does not advertise SUPPORTS_HALO is refused with a reason."""
+def test_halo_arguments_reach_every_backend(monkeypatch):
+    """Every backend implements HaloNet mode: the dispatch picks by device alone and hands a
+    forced or automatically chosen backend the halo arguments (no second dispatch table)."""
     from attnzoo.ops import _dispatch
     monkeypatch.delenv("ATTNZOO_BACKEND", raising=False)
-    fake = type("FakeTriton", (), {"na2d": staticmethod(lambda *a: pytest.fail("must not be called"))})()
+    calls = []
+    fake = type("FakeTriton", (), {"na2d": staticmethod(lambda *a: calls.append(a[8:]) or a[0])})()
     backends = [_dispatch.Backend("triton", fake, lambda ts, forced: None)] + [
         b for b in nbh.BACKENDS if b.name != "triton"]
     monkeypatch.setattr(nbh, "BACKENDS", backends)
     x = torch.randn(1, 8, 8, 1, 4)
-    with pytest.raises(RuntimeError, match="triton.*cannot run: .*SUPPORTS_HALO"):
-        nbh.na2d(x, x, x, 6, stride=4, border="zero_pad", backend="triton")
-    # auto dispatch falls through to cpu
-    y = nbh.na2d(x, x, x, 6, stride=4, border="zero_pad")
-    torch.testing.assert_close(y, nbh.na2d(x, x, x, 6, stride=4, border="zero_pad", backend="reference"))
-    fake.SUPPORTS_HALO = True
-    calls = []
-    fake.na2d = lambda *a: calls.append(a[8:]) or a[0]
+    rel = torch.randn(1, 8, 8, 1, 6)
     nbh.na2d(x, x, x, 6, stride=4, border="zero_pad", backend="triton")
-    assert calls == [("zero_pad", None, None)]
+    nbh.na2d(x, x, x, 6, stride=4, border="zero_pad", rel_h=rel)
+    nbh.na2d(x, x, x, 3)
+    assert calls == [("zero_pad", None, None), ("zero_pad", rel, None), ("clamp", None, None)]

@@ -8,7 +8,9 @@ For fast iteration on this file alone: ``TRITON_INTERPRET=1 pytest tests/ops/tes
 The interpreter is slow, so the default cases are few and chosen to cover each feature
 (odd maps, D padding, k 3/5/7, dilation with unequal sub-grids, odd and even strides,
 per-axis tuples, rpb on/off, several tiles and halo chunks per map); ``ATTNZOO_SLOW=1``
-adds a seeded random sweep (k up to 13, D up to 40, every dtype).
+adds a seeded random sweep (k up to 13, D up to 40, every dtype). The Hypothesis properties of
+the cpu suite run here too on tiny maps (``test_triton_matches_reference``); more examples with
+``TRITON_INTERPRET=1 pytest -m slow`` on this file, or ``ATTNZOO_PROPERTY_EXAMPLES`` (reaches the child).
 
 HaloNet (``border="zero_pad"``, ``rel_h`` / ``rel_w``): against a local brute-force oracle
 (``_halo_oracle``: zero-padded map, gathered windows, softmax with every bias; checked
@@ -23,7 +25,10 @@ import zlib
 
 import pytest
 import torch
+from _neighborhood_cases import cases, check
+from _property import settings_for, sizes
 from _triton_harness import kernel_module, poison_empty
+from hypothesis import given
 
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
@@ -445,18 +450,6 @@ def test_halo_partial_grads():
 
 
 @kernel_test
-def test_halo_rejects():
-    x = torch.zeros(1, 8, 8, 1, 8, device=DEVICE)
-    with pytest.raises(ValueError, match="dilation"):
-        tri.na2d(x, x, x, (3, 3), (2, 2), (1, 1), None, 1.0, border="zero_pad")
-    with pytest.raises(ValueError, match="border"):
-        tri.na2d(x, x, x, (3, 3), (1, 1), (1, 1), None, 1.0, border="reflect")
-    with pytest.raises(ValueError, match="rel_h"):
-        tri.na2d(x, x, x, (3, 3), (1, 1), (1, 1), None, 1.0, rel_h=torch.zeros(1, 8, 8, 1, 4, device=DEVICE))
-    assert tri.SUPPORTS_HALO is True
-
-
-@kernel_test
 def test_halo_plan_covers_every_window():
     """The zero_pad host plan: every query's (unclamped) window lies in its tile's halo, and every
     query seeing an in-map key lies in that key tile's inverse halo (pure Python)."""
@@ -479,7 +472,7 @@ def test_halo_plan_covers_every_window():
     (1, 13, 10, 1, 8, (6, 4), (4, 2), "zero_pad", False, True),
 ], ids=lambda c: _halo_id((*c, None)))
 def test_halo_public_vs_reference(case):
-    """Through the public ``na2d`` (dispatch to this module via SUPPORTS_HALO) against
+    """Through the public ``na2d`` (the dispatch hands the halo arguments to this module) against
     ``backend="reference"``: out and every gradient."""
     B, H, W, heads, D, kernel, stride, border, with_rpb, with_rel = case
     kh, kw = _pair(kernel)
@@ -501,6 +494,30 @@ def test_halo_public_vs_reference(case):
     _check(res["triton"][0], res["reference"][0], torch.float64, "out")
     for n, a, b in zip(names, res["triton"][1], res["reference"][1]):
         _check(a, b, torch.float64, "d" + n)
+
+
+# --------------------------------------------------------------------------- properties (Hypothesis)
+# The cpu suite's properties (``test_neighborhood_props.py``: every layout, dtype, border, bias,
+# degenerate geometry, autocast) on maps of at most 5 x 5 and D <= 8, as the interpreter is slow.
+
+@kernel_test
+@pytest.mark.parametrize("n", sizes(30, 600))
+def test_triton_matches_reference(n):
+    @settings_for(n)
+    @given(case=cases(max_len=5, max_kernel=5, max_d=8))
+    def prop(case):
+        check(case, "triton", device=DEVICE)
+    prop()
+
+
+@kernel_test
+@pytest.mark.parametrize("n", sizes(8, 150))
+def test_triton_autocast_bf16(n):
+    @settings_for(n)
+    @given(case=cases(max_len=5, max_kernel=5, max_d=8, autocast=True))
+    def prop(case):
+        check(case, "triton", device=DEVICE, autocast=torch.bfloat16)
+    prop()
 
 
 # --------------------------------------------------------------------------- torch.compile

@@ -14,14 +14,18 @@ Backends (``backend=`` or ``$ATTNZOO_BACKEND``; default: the best that can run):
 - ``triton``: fused flash-style forward and backward kernels (``triton.py``, CUDA); the
   ``[N, k^2]`` attention matrix never reaches global memory. Imported only when chosen.
 
-Each backend module exposes ``na2d(q, k, v, kernel_size, dilation, stride, rpb, scale)``
-with validated arguments and per-axis tuples; 1-D attention runs as 2-D (see ``na1d``).
-HaloNet's blocked attention (``border="zero_pad"``, per-query relative logits
-``rel_h`` / ``rel_w``) goes to the backends as the trailing arguments
-``border, rel_h, rel_w``; a backend module that implements them sets
-``SUPPORTS_HALO = True`` (reference and cpu do; triton is refused without it).
+Every backend module exposes ``na2d(q, k, v, kernel_size, dilation, stride, rpb, scale,
+border, rel_h, rel_w)`` with validated arguments and per-axis tuples, and implements all of
+it (HaloNet's ``border="zero_pad"`` and per-query ``rel_h`` / ``rel_w`` included), so the
+dispatch chooses by device alone; 1-D attention runs as 2-D (see ``na1d``).
+
+Autocast: like ``torch.amp.custom_fwd(cast_inputs=...)``, the op casts its floating
+(non-float64) inputs once to the autocast dtype and runs the backend with autocast off, so
+every backend sees one dtype in its forward and backward and returns that dtype; gradients
+flow back to the callers' dtypes through the casts.
 """
-import dataclasses
+import contextlib
+import math
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -99,19 +103,35 @@ def _validate(op: str, q, k, v, kernel_size, dilation, stride, rpb, scale, n: in
     if rpb is not None:
         _check_bias(op, "rpb", rpb, q, (heads,) + tuple(2 * kk - 1 for kk in ks),
                     f"[heads, 2k-1{', 2k-1' if n == 2 else ''}]", f" and kernel_size {kernel_size}")
+    return ks, dil, st, _scale(op, scale, q)
+
+
+def _scale(op: str, scale, q: torch.Tensor) -> float:
     if scale is None:
-        scale = q.shape[-1] ** -0.5
-    return ks, dil, st, float(scale)
+        return q.shape[-1] ** -0.5
+    try:
+        value = float(scale)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"{op}: scale must be a real number, got {scale!r}") from None
+    # inf / nan would silently turn every logit (and the output) into nan; 0 and negative
+    # scales are well defined (uniform / reversed attention), as in the reference
+    if not math.isfinite(value):
+        raise ValueError(f"{op}: scale must be finite, got {value}")
+    return value
 
 
 def _check_bias(op: str, name: str, t, q: torch.Tensor, expect: tuple, layout: str, context: str = "") -> None:
-    """An additive logit term: a floating tensor of shape ``expect`` on q's device."""
+    """An additive logit term: a tensor of shape ``expect`` with q's device and dtype."""
     if not isinstance(t, torch.Tensor) or tuple(t.shape) != expect:
         got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
         raise ValueError(f"{op}: {name} must have shape {layout} = {expect} for q {tuple(q.shape)}{context}, "
                          f"got {got}")
     if t.device != q.device or not t.is_floating_point():
         raise ValueError(f"{op}: {name} must be a floating tensor on {q.device}, got {t.dtype} on {t.device}")
+    if t.dtype != q.dtype:
+        # backends would otherwise disagree (promote, cast or fail); the caller picks the precision
+        under = " (after autocast's cast)" if _autocast_dtype(q.device.type) is not None else ""
+        raise ValueError(f"{op}: {name} must have q's dtype {q.dtype}{under}, got {t.dtype}")
 
 
 def _validate_rel(op: str, name: str, rel, q: torch.Tensor, kk: int):
@@ -119,26 +139,25 @@ def _validate_rel(op: str, name: str, rel, q: torch.Tensor, kk: int):
         _check_bias(op, name, rel, q, tuple(q.shape[:-1]) + (kk,), "[B, H, W, heads, k]")
 
 
-_NO_HALO = ("the triton backend does not implement border='zero_pad' / rel_h / rel_w "
-            "(its module does not set SUPPORTS_HALO = True)")
+def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The autocast dtype when autocast is on for ``device_type``, else None."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
 
 
-def _halo_backends():
-    """BACKENDS with triton refused unless its module advertises ``SUPPORTS_HALO``.
-
-    The attribute is read (importing the triton module) only once triton's own check has
-    passed, i.e. when it would be chosen."""
-    out = []
-    for b in BACKENDS:
-        if b.name == "triton":
-            def can_run(tensors, forced, _b=b):
-                reason = _b.can_run(tensors, forced)
-                if reason is None and not getattr(_b.impl, "SUPPORTS_HALO", False):
-                    reason = _NO_HALO
-                return reason
-            b = dataclasses.replace(b, can_run=can_run)
-        out.append(b)
-    return out
+def _autocast(q, *tensors):
+    """``((q, *tensors), context)``. Under autocast (as ``custom_fwd(cast_inputs=)``): the floating
+    tensors cast to the autocast dtype (float64 left alone), and a context that turns autocast off
+    while the backend runs, so its forward and backward see one dtype (autocast would round some
+    of its matmuls to half and not others). Otherwise the inputs as given and a null context.
+    Non-tensors pass through to validation."""
+    dtype = _autocast_dtype(q.device.type) if isinstance(q, torch.Tensor) else None
+    if dtype is None:
+        return (q, *tensors), contextlib.nullcontext()
+    cast = tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+                 else t for t in (q, *tensors))
+    return cast, torch.autocast(q.device.type, enabled=False)
 
 
 def na2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: IntOrPair, dilation: IntOrPair = 1,
@@ -153,7 +172,7 @@ def na2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: IntOrPa
         dilation: sub-grid step, int or pair; ``H >= kh * dh`` and ``W >= kw * dw`` (clamp only).
         stride: queries of an ``sh x sw`` group share the group centre's window; ``<= kernel_size``.
         rpb: relative positional bias ``[heads, 2kh-1, 2kw-1]`` or None.
-        scale: logit scale, default ``D ** -0.5``.
+        scale: logit scale, default ``D ** -0.5``; any finite number.
         backend: ``"reference" | "cpu" | "triton"``; default: the best that can run.
         border: ``"clamp"`` (NATTEN: windows shifted inside the map) or ``"zero_pad"``
             (HaloNet: windows centred on the stride group, ``start = g + s//2 - k//2``,
@@ -162,20 +181,21 @@ def na2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: IntOrPa
             ``stride=b, kernel_size=b + 2h``.
         rel_h, rel_w: per-query logit biases ``[B, H, W, heads, kh]`` / ``[B, H, W, heads, kw]``
             by window row / column: ``logit[q, (i, j)] += rel_h[q, i] + rel_w[q, j]``
-            (not scaled); differentiable. See README.md for HaloNet's ``PosEmbedRel``.
+            (not scaled); differentiable. HaloNet's relative position embedding is mapped onto
+            them by ``attnzoo.layers.halo.HaloPosEmbedRel`` (derivation: README.md, section
+            "HaloNet mode", "Relation to timm's HaloAttn").
+        rpb, rel_h, rel_w must have q's dtype (under autocast all are cast to its dtype first).
 
-    Returns ``[B, H, W, heads, D]`` in q's dtype.
+    Returns ``[B, H, W, heads, D]`` in q's dtype (the autocast dtype under autocast).
     """
+    (q, k, v, rpb, rel_h, rel_w), no_autocast = _autocast(q, k, v, rpb, rel_h, rel_w)
     ks, dil, st, scale = _validate("na2d", q, k, v, kernel_size, dilation, stride, rpb, scale, 2, border)
     _validate_rel("na2d", "rel_h", rel_h, q, ks[0])
     _validate_rel("na2d", "rel_w", rel_w, q, ks[1])
-    halo = border != "clamp" or rel_h is not None or rel_w is not None
-    tensors = [t for t in (q, k, v, rpb, rel_h, rel_w) if t is not None]
-    if not halo:
-        chosen = _dispatch.choose_backend("na2d", BACKENDS, tensors, backend)
-        return chosen.impl.na2d(q, k, v, ks, dil, st, rpb, scale)
-    chosen = _dispatch.choose_backend("na2d", _halo_backends(), tensors, backend)
-    return chosen.impl.na2d(q, k, v, ks, dil, st, rpb, scale, border, rel_h, rel_w)
+    chosen = _dispatch.choose_backend("na2d", BACKENDS, [t for t in (q, k, v, rpb, rel_h, rel_w) if t is not None],
+                                      backend)
+    with no_autocast:
+        return chosen.impl.na2d(q, k, v, ks, dil, st, rpb, scale, border, rel_h, rel_w)
 
 
 def na1d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: IntOrPair, dilation: IntOrPair = 1,
@@ -186,8 +206,10 @@ def na1d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: IntOrPa
     Runs as ``na2d`` on an ``L x 1`` map with kernel ``(k, 1)`` (the sequence on the
     height axis, whose key halos the CPU backend never copies).
     """
+    (q, k, v, rpb), no_autocast = _autocast(q, k, v, rpb)
     ks, dil, st, scale = _validate("na1d", q, k, v, kernel_size, dilation, stride, rpb, scale, 1)
     chosen = _dispatch.choose_backend("na1d", BACKENDS, [t for t in (q, k, v, rpb) if t is not None], backend)
-    out = chosen.impl.na2d(q.unsqueeze(2), k.unsqueeze(2), v.unsqueeze(2), (ks[0], 1), (dil[0], 1), (st[0], 1),
-                           None if rpb is None else rpb.unsqueeze(-1), scale)
+    with no_autocast:
+        out = chosen.impl.na2d(q.unsqueeze(2), k.unsqueeze(2), v.unsqueeze(2), (ks[0], 1), (dil[0], 1), (st[0], 1),
+                               None if rpb is None else rpb.unsqueeze(-1), scale, "clamp", None, None)
     return out.squeeze(2)

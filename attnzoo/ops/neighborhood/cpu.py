@@ -52,8 +52,6 @@ from torch.autograd.function import once_differentiable
 
 Tensor = torch.Tensor
 
-SUPPORTS_HALO = True  # border="zero_pad", rel_h, rel_w (see __init__)
-
 # Row/column tile sizes tried per axis; the plan picks the cheapest (see ``_tile_cost``).
 _TILE_CANDIDATES = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16)
 
@@ -597,15 +595,14 @@ def _blocked_na2d(q, k, v, kernel_size, stride, rpb, scale, border, rel_h, rel_w
                              (kh, kw), (sh, sw), (H, W)).to(q.dtype)
     logits = torch.matmul(qb * scale, kwin.transpose(-1, -2))  # [B, ngh, ngw, heads, sh*sw, kh*kw]
     logits = logits.view(B, ngh, ngw, heads, sh, sw, kh, kw)
-    if rpb is not None:
-        # rpb index: key - query + k - 1, per axis [ng, s, k]; padding queries clamped (dropped anyway)
-        qpos_h = torch.arange(ngh)[:, None] * sh + torch.arange(sh)
-        qpos_w = torch.arange(ngw)[:, None] * sw + torch.arange(sw)
-        rh = (idx_h[:, None, :] - ph0 - qpos_h[:, :, None] + kh - 1).clamp(0, 2 * kh - 2)
-        rw = (idx_w[:, None, :] - pw0 - qpos_w[:, :, None] + kw - 1).clamp(0, 2 * kw - 2)
-        # [heads, ngh, ngw, sh, sw, kh, kw] -> [ngh, ngw, heads, sh, sw, kh, kw]
-        bias = rpb.to(cdt)[:, rh[:, None, :, None, :, None], rw[None, :, None, :, None, :]]
-        logits = logits + bias.permute(1, 2, 0, 3, 4, 5, 6)
+    # rpb index: key - query + k - 1, per axis [ng, s, k]; padding queries clamped (dropped anyway)
+    qpos_h = torch.arange(ngh)[:, None] * sh + torch.arange(sh)
+    qpos_w = torch.arange(ngw)[:, None] * sw + torch.arange(sw)
+    rh = (idx_h[:, None, :] - ph0 - qpos_h[:, :, None] + kh - 1).clamp(0, 2 * kh - 2)
+    rw = (idx_w[:, None, :] - pw0 - qpos_w[:, :, None] + kw - 1).clamp(0, 2 * kw - 2)
+    # [heads, ngh, ngw, sh, sw, kh, kw] -> [ngh, ngw, heads, sh, sw, kh, kw]
+    bias = rpb.to(cdt)[:, rh[:, None, :, None, :, None], rw[None, :, None, :, None, :]]
+    logits = logits + bias.permute(1, 2, 0, 3, 4, 5, 6)
     if rel_h is not None:
         logits = logits + blocks(rel_h, kh)[..., :, None]
     if rel_w is not None:
@@ -653,46 +650,42 @@ class _HaloFlash(torch.autograd.Function):
 
     Same trick as ``_blocked_sdpa`` (relative logits as extra channels against one-hot
     key positions), but with the buffers built by hand: q / k / v are copied once into
-    ``[blocks, heads, L, E]`` (windows cut from a zero-padded copy with ``unfold``), the
-    flash forward keeps only the output and its log-sum-exp, and the backward folds the
-    window gradients of K / V back with a few strided adds instead of autograd's zero-filled
-    ``unfold`` / ``select`` / ``pad`` backwards."""
+    fresh ``[blocks, heads, L, E]`` buffers (``_to_blocks``, ``_windows``), the flash
+    forward keeps only the output and its log-sum-exp, and the backward folds the window
+    gradients of K / V back with a few strided adds instead of autograd's zero-filled
+    ``unfold`` / ``select`` / ``pad`` backwards. The kernel runs with scale 1 on a pre-scaled
+    q, so the relative logits need no ``1 / scale`` (any finite scale, 0 included)."""
 
     @staticmethod
     def forward(ctx, q, k, v, rel_h, rel_w, kernel_size, stride, pads, scale):
         B, H, W, heads, D = q.shape
-        (kh, kw), (sh, sw), (ph0, ph1, pw0, pw1) = kernel_size, stride, pads
+        (kh, kw), (sh, sw) = kernel_size, stride
         cdt = _compute_dtype(q.dtype)
-        ngh, ngw = -(-H // sh), -(-W // sw)
         E = D + (kh if rel_h is not None else 0) + (kw if rel_w is not None else 0)
-
-        def windows(x):  # [B, H, W, heads, D] -> [n, heads, kh * kw, E], channels >= D zero
-            xp = F.pad(x.to(cdt), (0, E - D, 0, 0, pw0, pw1, ph0, ph1))
-            win = xp.unfold(1, kh, sh).unfold(2, kw, sw)  # [B, ngh, ngw, heads, E, kh, kw]
-            return win.permute(0, 1, 2, 3, 5, 6, 4).reshape(B * ngh * ngw, heads, kh * kw, E)
-
-        qa = _to_blocks(q.to(cdt), (sh, sw), E)
-        ka, va = windows(k), windows(v)
-        c = D
+        qa = _to_blocks(q, (sh, sw), E, cdt, scale)
+        c, onehots = D, []
         for rel, n, rows in ((rel_h, kh, True), (rel_w, kw, False)):
-            if rel is not None:  # the kernel scales every channel: pre-divide the relative logits
-                qa[..., c:c + n] = _to_blocks(rel.to(cdt) / scale, (sh, sw), n)
-                ka[..., c:c + n] = _key_positions(kh, kw, rows, cdt)
+            if rel is not None:
+                qa[..., c:c + n] = _to_blocks(rel, (sh, sw), n, cdt)
+                onehots.append(_key_positions(kh, kw, rows, cdt))
                 c += n
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qa, ka, va, scale=scale)
+        ka = _windows(k, kernel_size, stride, pads, E, cdt, torch.cat(onehots, 1) if onehots else None)
+        va = _windows(v, kernel_size, stride, pads, E, cdt)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qa, ka, va, scale=1.0)
         ctx.save_for_backward(qa, ka, va, out, lse)
-        ctx.geom = (B, H, W, heads, D, E, kernel_size, stride, pads, scale, q.dtype,
-                    rel_h is not None, rel_w is not None)
+        ctx.geom = (B, H, W, heads, D, kernel_size, stride, pads, scale, q.dtype, rel_h is not None,
+                    rel_w is not None)
         return _from_blocks(out[..., :D], (B, H, W), (sh, sw)).to(q.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dout):
         qa, ka, va, out, lse = ctx.saved_tensors
-        B, H, W, heads, D, E, (kh, kw), (sh, sw), (ph0, ph1, pw0, pw1), scale, dtype, has_h, has_w = ctx.geom
-        do = _to_blocks(dout.to(qa.dtype), (sh, sw), E)
+        B, H, W, heads, D, (kh, kw), (sh, sw), (ph0, ph1, pw0, pw1), scale, dtype, has_h, has_w = ctx.geom
+        E = qa.shape[-1]
+        do = _to_blocks(dout, (sh, sw), E, qa.dtype)
         dqa, dka, dva = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            do, qa, ka, va, out, lse, 0.0, False, scale=scale)
+            do, qa, ka, va, out, lse, 0.0, False, scale=1.0)
         ngh, ngw = -(-H // sh), -(-W // sw)
 
         ch, cw = -(-kh // sh), -(-kw // sw)
@@ -712,21 +705,55 @@ class _HaloFlash(torch.autograd.Function):
             return out[:, ph0:ph0 + H, pw0:pw0 + W].to(dtype)
 
         size = (B, H, W)
-        dq = _from_blocks(dqa[..., :D], size, (sh, sw)).to(dtype)
-        drh = (_from_blocks(dqa[..., D:D + kh], size, (sh, sw)) / scale).to(dtype) if has_h else None
+        need = ctx.needs_input_grad
+        dq = (_from_blocks(dqa[..., :D], size, (sh, sw)) * scale).to(dtype) if need[0] else None
+        dk = fold(dka) if need[1] else None
+        dv = fold(dva) if need[2] else None
+        drh = _from_blocks(dqa[..., D:D + kh], size, (sh, sw)).to(dtype) if has_h and need[3] else None
         c = D + (kh if has_h else 0)
-        drw = (_from_blocks(dqa[..., c:c + kw], size, (sh, sw)) / scale).to(dtype) if has_w else None
-        return dq, fold(dka), fold(dva), drh, drw, None, None, None, None
+        drw = _from_blocks(dqa[..., c:c + kw], size, (sh, sw)).to(dtype) if has_w and need[4] else None
+        return dq, dk, dv, drh, drw, None, None, None, None
 
 
-def _to_blocks(x, stride, E):
-    """[B, H, W, heads, c] -> query blocks [B * ngh * ngw, heads, sh * sw, E] (zero-padded map and channels)."""
+def _to_blocks(x, stride, E, dtype, scale: float = 1.0):
+    """[B, H, W, heads, c] -> query blocks [B * ngh * ngw, heads, sh * sw, E] in ``dtype``, times
+    ``scale``: a fresh buffer (callers write into it), zero past the map and in channels >= c."""
     B, H, W, heads, c = x.shape
     sh, sw = stride
     ngh, ngw = -(-H // sh), -(-W // sw)
     x = F.pad(x, (0, E - c, 0, 0, 0, ngw * sw - W, 0, ngh * sh - H))
     x = x.view(B, ngh, sh, ngw, sw, heads, E).permute(0, 1, 3, 5, 2, 4, 6)
-    return x.reshape(B * ngh * ngw, heads, sh * sw, E)
+    out = torch.empty((B, ngh, ngw, heads, sh, sw, E), dtype=dtype)
+    # the block permute, the cast and the scale in one pass
+    if scale != 1.0:
+        torch.mul(x, scale, out=out) if x.dtype == dtype else out.copy_(x).mul_(scale)
+    else:
+        out.copy_(x)
+    return out.view(B * ngh * ngw, heads, sh * sw, E)
+
+
+def _windows(x, kernel_size, stride, pads, E, dtype, tail: Optional[Tensor] = None):
+    """[B, H, W, heads, D] -> every stride group's key window [B * ngh * ngw, heads, kh * kw, E]
+    of the zero-padded map, in ``dtype``; channels ``D:`` hold ``tail`` ([kh * kw, E - D]) or zeros.
+
+    Copied into a fresh buffer on purpose: the ``unfold`` view of the padded map overlaps
+    itself (neighbouring windows share keys), and a ``reshape`` of it is still a view whenever
+    the strides allow (kernel width 1, a map one stride group wide); writing ``tail`` into such
+    a view would overwrite the keys of other windows."""
+    B, H, W, heads, D = x.shape
+    (kh, kw), (sh, sw), (ph0, ph1, pw0, pw1) = kernel_size, stride, pads
+    ngh, ngw = -(-H // sh), -(-W // sw)
+    xp = F.pad(x, (0, 0, 0, 0, pw0, pw1, ph0, ph1))
+    win = xp.unfold(1, kh, sh).unfold(2, kw, sw)[:, :ngh, :ngw]  # [B, ngh, ngw, heads, D, kh, kw]
+    out = torch.empty((B, ngh, ngw, heads, kh, kw, E), dtype=dtype)
+    out[..., :D].copy_(win.permute(0, 1, 2, 3, 5, 6, 4))
+    if E > D:
+        out = out.view(B, ngh, ngw, heads, kh * kw, E)
+        if tail is None:
+            out[..., D:].zero_()
+        else:
+            out[..., D:] = tail
+    return out.view(B * ngh * ngw, heads, kh * kw, E)
 
 
 def _from_blocks(x, size, stride):
@@ -745,8 +772,13 @@ def na2d(q: Tensor, k: Tensor, v: Tensor, kernel_size: Tuple[int, int], dilation
     if border != "clamp" or rel_h is not None or rel_w is not None:
         if tuple(dilation) == (1, 1):
             return _blocked_na2d(q, k, v, kernel_size, stride, rpb, scale, border, rel_h, rel_w)
-        from . import reference  # clamp + rel terms + dilation: not worth a fast path yet
-        return reference.na2d(q, k, v, kernel_size, dilation, stride, rpb, scale, border, rel_h, rel_w)
+        # clamp + rel terms + dilation: not worth a fast path yet; the reference under autograd,
+        # in float32 for half inputs like every other path here (bf16 sums lose the rpb gradient)
+        from . import reference
+        cdt = _compute_dtype(q.dtype)
+        args = [None if t is None else t.to(cdt) for t in (q, k, v, rpb, rel_h, rel_w)]
+        out = reference.na2d(*args[:3], kernel_size, dilation, stride, args[3], scale, border, *args[4:])
+        return out.to(q.dtype)
     B, H, W, heads, D = q.shape
     plan = _plan(H, W, *kernel_size, *dilation, *stride, tile)
     needs_grad = torch.is_grad_enabled() and any(

@@ -25,8 +25,6 @@ import torch
 
 Tensor = torch.Tensor
 
-SUPPORTS_HALO = True  # border="zero_pad", rel_h, rel_w (see __init__)
-
 
 def window_start(i: int, length: int, kernel_size: int, dilation: int = 1, stride: int = 1,
                  border: str = "clamp") -> int:

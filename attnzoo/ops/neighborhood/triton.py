@@ -41,7 +41,7 @@ Geometry (all in dilation sub-grid units; residue ``r = (i % dh, j % dw)`` is a 
     The price is that ``S`` is recomputed a second time (cheaper than contended
     atomics on ``N * D`` addresses at k^2-fold overlap, and deterministic).
 
-HaloNet (``border="zero_pad"``, ``rel_h`` / ``rel_w``; module flag ``SUPPORTS_HALO``):
+HaloNet (``border="zero_pad"``, ``rel_h`` / ``rel_w``):
 
 - ``zero_pad`` (dilation 1, any kernel size, even included, any map size): ``_win_start``
   returns the unclamped ``group start + S // 2 - K // 2``, so windows (and tile halos) may
@@ -657,37 +657,12 @@ _dispatch.register_compile_traceable(__name__)
 
 # --------------------------------------------------------------------------- public
 
-#: the dispatch may route ``border="zero_pad"`` and ``rel_h`` / ``rel_w`` here
-SUPPORTS_HALO = True
-_BORDERS = ("clamp", "zero_pad")
-
-
-def _check_halo_args(q, kernel_size, dilation, stride, rpb, border, rel_h, rel_w):
-    if border not in _BORDERS:
-        raise ValueError(f"na2d (triton): border must be one of {_BORDERS}, got {border!r}")
-    if border == "zero_pad":
-        if tuple(dilation) != (1, 1):
-            raise ValueError(f"na2d (triton): border='zero_pad' needs dilation 1, got {tuple(dilation)}")
-        if rpb is not None and any(s > k for s, k in zip(stride, kernel_size)):
-            raise ValueError(f"na2d (triton): border='zero_pad' with rpb needs stride <= kernel_size, "
-                             f"got stride {tuple(stride)} and kernel_size {tuple(kernel_size)}")
-    B, H, W, NH, _ = q.shape
-    for name, rel, kk in (("rel_h", rel_h, kernel_size[0]), ("rel_w", rel_w, kernel_size[1])):
-        if rel is None:
-            continue
-        if not isinstance(rel, torch.Tensor) or tuple(rel.shape) != (B, H, W, NH, kk):
-            got = tuple(rel.shape) if isinstance(rel, torch.Tensor) else type(rel).__name__
-            raise ValueError(f"na2d (triton): {name} must be [B, H, W, heads, k] = {(B, H, W, NH, kk)}, got {got}")
-        if rel.device != q.device or not rel.is_floating_point():
-            raise ValueError(f"na2d (triton): {name} must be a floating tensor on {q.device}, "
-                             f"got {rel.dtype} on {rel.device}")
-
-
 def na2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: Tuple[int, int],
          dilation: Tuple[int, int], stride: Tuple[int, int], rpb: Optional[torch.Tensor],
          scale: float, border: str = "clamp", rel_h: Optional[torch.Tensor] = None,
          rel_w: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Neighborhood attention on ``[B, H, W, heads, D]`` (validated args, per-axis tuples; see ``__init__``).
+    """Neighborhood attention on ``[B, H, W, heads, D]``; arguments validated by ``__init__`` (per-axis
+    tuples, rpb / rel_h / rel_w in q's dtype), not checked again here.
 
     ``border="zero_pad"`` (HaloNet, dilation 1): unclamped windows starting at ``group start +
     stride // 2 - kernel // 2``; keys outside the map are zeros that still take part in the
@@ -695,7 +670,5 @@ def na2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: Tuple[i
     ``rel_h`` / ``rel_w`` ``[B, H, W, heads, kh | kw]``: per-query biases added to the logit of
     the key at window row ``i`` / column ``j``; differentiable.
     """
-    kernel_size, dilation, stride = tuple(kernel_size), tuple(dilation), tuple(stride)
-    _check_halo_args(q, kernel_size, dilation, stride, rpb, border, rel_h, rel_w)
     return _na2d_fwd_op(q, k, v, rpb, rel_h, rel_w, list(kernel_size), list(dilation), list(stride),
                         float(scale), border)[0]
