@@ -268,6 +268,7 @@ def evaluate(model, loader, device="cpu", amp=False, channels_last=False, progre
     from tqdm import tqdm
 
     model.eval()
+    # counts, not timm's accuracy (a float32 % per batch): sums over batches and processes stay exact
     n = correct1 = correct5 = 0
     loss_sum = 0.0
     skipped: List[str] = []

@@ -8,7 +8,6 @@ index). So a run gives the same batches whatever the number of processes, loader
 workers or restarts, which is what lets a 2-process DDP run match a 1-process run and
 a resumed run match an unbroken one.
 """
-import math
 import os
 import random
 from contextlib import contextmanager
@@ -18,6 +17,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 import torch.distributed as dist
+from timm.utils.distributed import init_distributed_device_so
 from torch.utils.data import Dataset, Sampler
 
 # ----------------------------------------------------------------------------- distributed
@@ -40,25 +40,18 @@ class DistInfo:
 
 
 def init_distributed(device: str, backend: Optional[str] = None) -> DistInfo:
-    """Join the process group that ``torchrun`` describes in the environment (one process per device).
+    """Join the process group that ``torchrun`` (or SLURM) describes in the environment, through timm.
 
-    nccl for CUDA, gloo for CPU. Without torchrun's variables (or with WORLD_SIZE=1) it is a no-op.
+    nccl for CUDA, gloo for CPU; one device per process. Without those variables (or with WORLD_SIZE=1)
+    it is a no-op.
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return DistInfo(device=device)
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    on_cuda = torch.device(device).type == "cuda"
-    if on_cuda:
-        device = f"cuda:{local_rank}"
-        torch.cuda.set_device(local_rank)
-    if not dist.is_initialized():
-        dist.init_process_group(backend or ("nccl" if on_cuda else "gloo"))
-    return DistInfo(rank=rank, world=world, local_rank=local_rank, device=device)
+    r = init_distributed_device_so(device, backend)
+    return DistInfo(rank=r["global_rank"], world=r["world_size"], local_rank=r["local_rank"], device=r["device"])
 
 
 def all_reduce_sum(values: Sequence[float], info: DistInfo) -> List[float]:
-    """Sum floats over all processes (float64, so counts stay exact)."""
+    """Sum floats over all processes in float64, so counts stay exact (timm's reduce_tensor averages in the
+    tensor's dtype)."""
     if not info.distributed:
         return list(values)
     dev = info.device if dist.get_backend() == "nccl" else "cpu"
@@ -70,6 +63,8 @@ def all_reduce_sum(values: Sequence[float], info: DistInfo) -> List[float]:
 # ----------------------------------------------------------------------------- deterministic data
 
 
+# not timm's create_loader: one process shuffles from the global RNG and several use a padded
+# DistributedSampler (other orders), and it seeds augmentation per worker, not per (seed, epoch, index)
 class EpochSampler(Sampler):
     """Yields ``(epoch, index)`` keys for :class:`SeededDataset`, sharded over processes.
 
@@ -242,6 +237,8 @@ def build_mixup(mixup: float, cutmix: float, prob: float, switch_prob: float, sm
 # ----------------------------------------------------------------------------- resumable state
 
 
+# not timm's CheckpointSaver: it keeps no RNG or scheduler state and pickles the args Namespace, so its
+# files are neither exactly resumable nor weights_only-loadable
 def rng_state() -> Dict[str, Any]:
     """Every global RNG as tensors and plain numbers (loadable with weights_only=True)."""
     _, keys, pos, has_gauss, cached = np.random.get_state()
@@ -294,13 +291,3 @@ def load_state(path) -> Dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle.UnpicklingError for anything but tensors and plain containers
         raise SystemExit(f"error: --resume {path} is not a weights-only training state: {e}") from e
-
-
-def layer_decay_scales(optimizer) -> List[float]:
-    """The distinct lr scales of the optimizer's param groups, small (stem) to large (head)."""
-    return sorted({g.get("lr_scale", 1.0) for g in optimizer.param_groups})
-
-
-def accumulation_groups(micro_batches: int, accum: int) -> int:
-    """Optimizer updates in an epoch of ``micro_batches`` with ``accum`` micro-batches per update."""
-    return math.ceil(micro_batches / accum)

@@ -21,8 +21,8 @@ training state for --resume), args.json, metrics.csv, curves.png and summary.jso
 import argparse
 import contextlib
 import json
+import math
 import os
-import random
 import time
 from pathlib import Path
 
@@ -32,14 +32,13 @@ if __name__ == "__main__" and not __package__:  # run by path: see tools/_bootst
 from tools import _common as C  # noqa: E402  (imports attnzoo, which registers our models)
 from tools import _train_utils as T  # noqa: E402
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 from timm.data import create_transform, resolve_data_config  # noqa: E402
 from timm.loss import SoftTargetCrossEntropy  # noqa: E402
 from timm.optim import create_optimizer_v2  # noqa: E402
 from timm.scheduler import create_scheduler_v2  # noqa: E402
-from timm.utils import ModelEmaV3  # noqa: E402
+from timm.utils import AverageMeter, ModelEmaV3, random_seed  # noqa: E402
 from torch.utils.data import DataLoader, Subset  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
@@ -113,12 +112,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def build_data(args):
     """Datasets without transforms yet (the model, built once its class count is known, supplies them)."""
     if args.data_dir is None:
@@ -138,9 +131,7 @@ def set_transforms(args, model, train_ds, val_ds):
     train_ds.transform = T.train_transform(args.aug, cfg, recipe, auto_augment=args.aa, re_prob=args.reprob,
                                            albumentations_config=args.albumentations_config)
     cfg["crop_pct"] = 1.0 if digits else cfg["crop_pct"]
-    val_ds.transform = create_transform(
-        cfg["input_size"], is_training=False, interpolation=cfg["interpolation"], mean=cfg["mean"],
-        std=cfg["std"], crop_pct=cfg["crop_pct"], crop_mode=cfg.get("crop_mode"))
+    val_ds.transform = create_transform(**cfg)
     return cfg
 
 
@@ -187,6 +178,7 @@ def evaluate(model, loader, info, args, amp):
 def main(argv=None):
     args = parse_args(argv)
     C.check_model_name(args.model)
+    C.check_device(args.device)  # one line, not timm's assert
     info = T.init_distributed(args.device, args.dist_backend)
     try:
         return train(args, info)
@@ -197,7 +189,7 @@ def main(argv=None):
 
 def train(args, info):
     threads = C.ThreadPicker(args.threads)
-    seed_everything(args.seed)  # the same initial weights (and EMA copy) in every process
+    random_seed(args.seed)  # the same initial weights (and EMA copy) in every process
     digits = args.data_dir is None
     if args.workers is None:
         args.workers = 0 if digits else min(4, os.cpu_count() or 1)
@@ -233,6 +225,7 @@ def train(args, info):
         model = model.to(memory_format=torch.channels_last)
     amp_dtype = torch.bfloat16 if device_type == "cpu" else getattr(torch, args.amp_dtype)
     autocast = torch.autocast(device_type, dtype=amp_dtype, enabled=args.amp)
+    # not timm's NativeScaler, which always scales: disabled, this one passes fp32/bf16 steps through
     scaler = torch.amp.GradScaler(device_type, enabled=args.amp and amp_dtype == torch.float16)
 
     global_batch = args.batch_size * info.world * args.grad_accum
@@ -244,7 +237,7 @@ def train(args, info):
     train_loader = DataLoader(T.SeededDataset(train_ds, args.seed), args.batch_size, sampler=sampler, **loader_kw)
     val_loader = DataLoader(val_ds, args.batch_size * 2,
                             sampler=list(range(info.rank, len(val_ds), info.world)), **loader_kw)
-    updates_per_epoch = T.accumulation_groups(len(train_loader), args.grad_accum)
+    updates_per_epoch = math.ceil(len(train_loader) / args.grad_accum)
 
     optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
                                     momentum=args.momentum, layer_decay=args.layer_decay)
@@ -303,13 +296,13 @@ def train(args, info):
               f"{info.device} | -> {out}")
 
     if info.rank:
-        seed_everything(args.seed + info.rank)  # processes differ in drop-path masks; data order does not
+        random_seed(args.seed, info.rank)  # processes differ in drop-path masks; data order does not
     if rng_states is not None:  # last, so nothing above draws from the restored generators
         if len(rng_states) == info.world:
             T.set_rng_state(rng_states[info.rank])
         else:
             log(f"warning: saved with {len(rng_states)} processes, resumed with {info.world}: RNGs reseeded")
-            seed_everything(args.seed + info.rank + 1_000_003 * start_epoch)
+            random_seed(args.seed + 1_000_003 * start_epoch, info.rank)
 
     micro = len(train_loader)
     full = micro // args.grad_accum * args.grad_accum  # micro-batches in whole accumulation groups
@@ -321,7 +314,9 @@ def train(args, info):
         sampler.set_epoch(epoch)
         model.train()
         bar.set_description(f"epoch {epoch + 1}/{num_epochs}")
-        t0, loss_sum, correct, seen, skipped = time.perf_counter(), 0.0, 0, 0, 0
+        # top-1 as an integer count, not timm's accuracy (a float32 % per batch): exact, and the same
+        # whether one process or several saw the batch
+        t0, losses, correct, skipped = time.perf_counter(), AverageMeter(), 0, 0
         for i, (x, y, bad) in enumerate(train_loader):
             skipped += len(bad)
             bar.update()
@@ -359,12 +354,11 @@ def train(args, info):
                 if ema is not None:
                     ema.update(model, step=updates)
             if weight:
-                loss_sum += loss.item() * y.numel()
+                losses.update(loss.item(), y.numel())
                 correct += logits.argmax(1).eq(y).sum().item()
-                seen += y.numel()
-            bar.set_postfix(loss=f"{loss_sum / max(seen, 1):.3f}", lr=f"{optimizer.param_groups[-1]['lr']:.1e}")
+            bar.set_postfix(loss=f"{losses.avg:.3f}", lr=f"{optimizer.param_groups[-1]['lr']:.1e}")
         scheduler.step(epoch + 1)
-        loss_sum, correct, seen, skipped = T.all_reduce_sum([loss_sum, correct, seen, skipped], info)
+        loss_sum, correct, seen, skipped = T.all_reduce_sum([losses.sum, correct, losses.count, skipped], info)
         train_s = time.perf_counter() - t0
         ev = evaluate(model, val_loader, info, args, args.amp)
         row = dict(epoch=epoch + 1, lr=optimizer.param_groups[-1]["lr"], train_loss=loss_sum / max(seen, 1),

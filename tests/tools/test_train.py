@@ -110,7 +110,7 @@ def test_layer_decay_groups_follow_group_matcher(name):
 
     model = C.create_model(name, num_classes=10)
     opt = create_optimizer_v2(model, opt="adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.5)
-    scales = T.layer_decay_scales(opt)
+    scales = sorted({g["lr_scale"] for g in opt.param_groups})  # stem (smallest) to head
     assert len(scales) >= 3 and scales[-1] == 1.0, scales
     scale_of = {id(p): g["lr_scale"] for g in opt.param_groups for p in g["params"]}
     head = [id(p) for p in model.get_classifier().parameters()]
@@ -218,6 +218,13 @@ def test_resume_is_weights_only_and_checks_args(tmp_path, capsys):
     with pytest.raises(SystemExit, match="'lr': \\(0.002, 0.1\\)"):
         train.main(_argv(tmp_path / "ok", "--epochs", "1", "--limit", "32", "--batch-size", "16", "--lr", "0.1",
                          "--resume"))
+
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_cuda_is_one_line(tmp_path):
+    with pytest.raises(SystemExit, match="--device cuda but CUDA is not available"):
+        train.main(_argv(tmp_path, "--device", "cuda"))
 
 
 # ----------------------------------------------------------------------------- learning check
