@@ -1,6 +1,7 @@
 """Checkpoint helpers shared by every family's ``checkpoint_filter_fn`` and the converter,
 and the timm-contract mixins shared by the hierarchical backbones."""
-import argparse
+import os
+import pickle
 import re
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
@@ -46,19 +47,51 @@ def remap_keys(state_dict: Mapping[str, torch.Tensor], rules: Iterable[Tuple[str
     return out
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used: corrupt, truncated, pickled code, or keys that don't fit.
+    The message names the file."""
+
+
 def load_checkpoint_file(path: str) -> Dict[str, torch.Tensor]:
-    """Read a checkpoint without unpickling arbitrary objects (safetensors or ``weights_only``)."""
+    """Read a checkpoint without unpickling arbitrary objects (safetensors or ``weights_only``).
+
+    Raises ``FileNotFoundError`` for a missing file and :class:`CheckpointError` for one that is
+    truncated, corrupt, refused (pickled objects) or holds no tensors.
+    """
     path = str(path)
-    if path.endswith(".safetensors"):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    with open(path, "rb") as f:
+        head = f.read(9)
+    # by content too: a safetensors file starts with its header length, then the JSON header
+    if path.endswith(".safetensors") or head[8:9] == b"{":
         from safetensors.torch import load_file
-        return load_file(path)
+        try:
+            return load_file(path)
+        except Exception as e:  # SafetensorError (not importable by name in every release), OSError
+            raise CheckpointError(f"{path}: not a readable safetensors file, truncated or corrupt ({e})") from e
+    from ._pretrained import official_checkpoint_globals
+
     try:
-        # argparse.Namespace: timm training checkpoints keep their args in one; it is data, not code
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        # the args / config that training scripts pickle beside the weights: data, not code
+        with official_checkpoint_globals():
             obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle with non-tensor objects: refuse rather than execute it
-        raise ValueError(f"{path}: not a weights-only checkpoint ({e.__class__.__name__}: {e})") from e
-    return unwrap_state_dict(obj)
+    except pickle.UnpicklingError as e:
+        # torch's message is a page long: keep its one line of substance
+        why = str(e).split("WeightsUnpickler error:", 1)[-1].strip()
+        why = why.splitlines()[0].split(". ")[0] if why else e.__class__.__name__
+        if not head.startswith((b"PK", b"\x80")):  # neither torch's zip nor a pickle (protocol >= 2)
+            raise CheckpointError(f"{path}: neither a torch checkpoint nor a safetensors file, "
+                                  f"or corrupt ({why})") from e
+        # pickle with non-tensor objects: refuse rather than execute it
+        raise CheckpointError(f"{path}: not a weights-only checkpoint, refused to unpickle it ({why})") from e
+    except Exception as e:  # EOFError, OSError, RuntimeError from a cut-off or damaged zip / pickle
+        why = f"{e.__class__.__name__}: {e}" if str(e) else e.__class__.__name__
+        raise CheckpointError(f"{path}: not a readable torch checkpoint, truncated or corrupt ({why})") from e
+    try:
+        return unwrap_state_dict(obj)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from e
 
 
 def key_report(state_dict: Mapping[str, torch.Tensor], model: torch.nn.Module) -> str:

@@ -27,7 +27,7 @@ from typing import Dict, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 from timm.layers import ClassifierHead, DropPath, Mlp, to_2tuple, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs
+from timm.models import generate_default_cfgs
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -35,7 +35,8 @@ from .._registry import register_model
 from ..layers.agent import AgentAttention
 from ._helpers import (
     ClassifierHeadMixin, StagedFeaturesMixin, cfg, init_linear_layernorm, remap_keys, unwrap_state_dict)
-from .agent_swin import resize_agent_biases
+from ._pretrained import build_model
+from .agent_swin import TSINGHUA_URL, resize_agent_biases
 
 __all__ = ["AgentPyramidVisionTransformer"]
 
@@ -192,6 +193,7 @@ class AgentPyramidVisionTransformer(ClassifierHeadMixin, StagedFeaturesMixin, nn
         self.grad_checkpointing = False
         img_size = to_2tuple(img_size)
         self.num_features = self.head_hidden_size = embed_dims[-1]
+        self.output_fmt = "NHWC"  # forward_features' layout, read by timm (as on its Swin)
         dpr = [x.item() for x in torch.linspace(0, drop_path_rate, sum(depths), device="cpu")]
         self.stages = nn.ModuleList()
         self.feature_info = []
@@ -257,24 +259,27 @@ def checkpoint_filter_fn(state_dict, model=None):
 
 
 def _create_agent_pvt(variant, pretrained=False, **kwargs):
-    return build_model_with_cfg(
+    return build_model(
         AgentPyramidVisionTransformer, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3)), **kwargs)
+        size_from_cfg=True, feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3)), **kwargs)
 
 
 def _cfg(**kwargs):
-    # official eval: bicubic, crop 0.875 (its config defaults)
+    # official eval (Agent-Swin's data/build.py): Resize((s, s)) bicubic, centre crop 0.875 = timm's "squash"
     return cfg(**dict(dict(
-        first_conv="stages.0.patch_embed.proj", classifier="head.fc", interpolation="bicubic", license="mit",
-        paper_ids="arXiv:2312.08874", paper_name="Agent Attention: On the Integration of Softmax and Linear Attention",
+        first_conv="stages.0.patch_embed.proj", classifier="head.fc", interpolation="bicubic", crop_mode="squash",
+        license="mit", paper_ids="arXiv:2312.08874",
+        paper_name="Agent Attention: On the Integration of Softmax and Linear Attention",
         origin_url="https://github.com/LeapLabTHU/Agent-Attention"), **kwargs))
 
 
 default_cfgs = generate_default_cfgs({
-    "agent_pvt_tiny.official_in1k": _cfg(),
-    "agent_pvt_small.official_in1k": _cfg(),
-    "agent_pvt_medium.official_in1k": _cfg(),
-    "agent_pvt_large.official_in1k": _cfg(),
+    "agent_pvt_tiny.in1k": _cfg(url=TSINGHUA_URL.format("13fdf0e0a7c5498c934f")),
+    "agent_pvt_small.in1k": _cfg(url=TSINGHUA_URL.format("36b8be9a8863456685a3")),
+    "agent_pvt_medium.in1k": _cfg(url=TSINGHUA_URL.format("4d00ecacf18b45f9b88c")),
+    "agent_pvt_medium.in1k_256": _cfg(url=TSINGHUA_URL.format("654df734121643b19c52"), input_size=(3, 256, 256),
+                                      pool_size=(8, 8)),
+    "agent_pvt_large.in1k": _cfg(url=TSINGHUA_URL.format("040cfe0cfbbe4762ad09")),  # config agent_pvt_b.yaml
     "test_agent_pvt.untrained": _cfg(input_size=(3, 64, 64), pool_size=(2, 2)),
 })
 

@@ -28,7 +28,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from timm.layers import ClassifierHead, DropPath, Mlp, PatchEmbed, to_2tuple
-from timm.models import build_model_with_cfg, generate_default_cfgs
+from timm.models import generate_default_cfgs
 from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -37,6 +37,7 @@ from .._registry import register_model
 from ..layers.agent import AgentAttention, resize_agent_param
 from ._helpers import (
     ClassifierHeadMixin, StagedFeaturesMixin, cfg, init_linear_layernorm, remap_keys, unwrap_state_dict)
+from ._pretrained import build_model
 
 __all__ = ["AgentSwinTransformer"]
 
@@ -183,6 +184,7 @@ class AgentSwinTransformer(ClassifierHeadMixin, StagedFeaturesMixin, nn.Module):
         img_size = to_2tuple(img_size)
         dims = [int(embed_dim * 2 ** i) for i in range(n)]
         self.num_features = self.head_hidden_size = dims[-1]
+        self.output_fmt = "NHWC"  # forward_features' layout, read by timm (as on its Swin)
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, norm_layer=norm_layer,
                                       output_fmt="NHWC", strict_img_size=False, dynamic_img_pad=True)
         self.pos_drop = nn.Dropout(proj_drop_rate)
@@ -260,23 +262,33 @@ def _shift_downsample(key: str) -> str:
 
 
 def _create_agent_swin(variant, pretrained=False, **kwargs):
-    return build_model_with_cfg(
-        AgentSwinTransformer, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+    return build_model(
+        AgentSwinTransformer, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, size_from_cfg=True,
         feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3)), **kwargs)
 
 
 def _cfg(**kwargs):
-    # official eval: bicubic, crop 0.875 (Swin's config defaults)
+    # official eval (data/build.py): Resize((s, s)) bicubic, centre crop = timm's "squash" mode;
+    # crop 0.875 with TEST.CROP (default), 1.0 for the 288 / 384 px configs (TEST.CROP False)
     return cfg(**dict(dict(
-        first_conv="patch_embed.proj", classifier="head.fc", interpolation="bicubic", license="mit",
-        paper_ids="arXiv:2312.08874", paper_name="Agent Attention: On the Integration of Softmax and Linear Attention",
+        first_conv="patch_embed.proj", classifier="head.fc", interpolation="bicubic", crop_mode="squash",
+        license="mit", paper_ids="arXiv:2312.08874",
+        paper_name="Agent Attention: On the Integration of Softmax and Linear Attention",
         origin_url="https://github.com/LeapLabTHU/Agent-Attention"), **kwargs))
 
 
+# Tsinghua Cloud direct links (?dl=1) of agent_transformer/README.md; Swin-style checkpoints
+# {'model', 'optimizer', 'lr_scheduler', 'max_accuracy', 'epoch', 'config'} (utils.save_checkpoint)
+TSINGHUA_URL = "https://cloud.tsinghua.edu.cn/f/{}/?dl=1"
+
 default_cfgs = generate_default_cfgs({
-    "agent_swin_tiny.official_in1k": _cfg(),
-    "agent_swin_small.official_in1k": _cfg(),
-    "agent_swin_base.official_in1k": _cfg(),
+    "agent_swin_tiny.in1k": _cfg(url=TSINGHUA_URL.format("a2ddc1190c224f768a41")),
+    "agent_swin_small.in1k": _cfg(url=TSINGHUA_URL.format("f607172c9fea4d6e99bb")),
+    "agent_swin_small.in1k_288": _cfg(url=TSINGHUA_URL.format("09760394e93b4046a25e"), input_size=(3, 288, 288),
+                                      pool_size=(9, 9), crop_pct=1.0),
+    "agent_swin_base.in1k": _cfg(url=TSINGHUA_URL.format("4fcd2d0114bb490483c3")),
+    "agent_swin_base.in1k_384": _cfg(url=TSINGHUA_URL.format("bb84ee9058954706a557"), input_size=(3, 384, 384),
+                                     pool_size=(12, 12), crop_pct=1.0),
     "test_agent_swin.untrained": _cfg(input_size=(3, 64, 64), pool_size=(2, 2)),
 })
 

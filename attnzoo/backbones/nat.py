@@ -25,12 +25,13 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from timm.layers import ClassifierHead, DropPath, Mlp
-from timm.models import build_model_with_cfg, generate_default_cfgs
+from timm.models import generate_default_cfgs
 
 from .._registry import register_model
 from ..layers.neighborhood import NeighborhoodAttention2d
 from ._helpers import (
     ClassifierHeadMixin, StagedFeaturesMixin, cfg, init_linear_layernorm, remap_keys, unwrap_state_dict)
+from ._pretrained import build_model
 
 __all__ = ["NeighborhoodAttentionTransformer"]
 
@@ -191,6 +192,7 @@ class NeighborhoodAttentionTransformer(ClassifierHeadMixin, StagedFeaturesMixin,
         self.grad_checkpointing = False
         dims = [int(embed_dim * 2 ** i) for i in range(num_levels)]
         self.num_features = self.head_hidden_size = dims[-1]
+        self.output_fmt = "NHWC"  # forward_features' layout, read by timm (as on its Swin)
 
         self.patch_embed = ConvTokenizer(in_chans, embed_dim, norm_layer)
         self.pos_drop = nn.Dropout(proj_drop_rate)
@@ -243,7 +245,7 @@ def checkpoint_filter_fn(state_dict, model=None):
 
 
 def _create_nat(variant, pretrained=False, **kwargs):
-    return build_model_with_cfg(
+    return build_model(
         NeighborhoodAttentionTransformer, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3)), **kwargs)
 
@@ -261,17 +263,24 @@ def _dinat_cfg(**kwargs):
                        **kwargs))
 
 
+# direct links of the official classification/{nat,dinat}.py (model_urls) and NAT.md / DiNAT.md; raw state_dicts
+_NAT_URL = "https://shi-labs.com/projects/nat/checkpoints/CLS/"
+_DINAT_URL = "https://shi-labs.com/projects/dinat/checkpoints/"
+
 default_cfgs = generate_default_cfgs({
-    "nat_mini.official_in1k": _cfg(),
-    "nat_tiny.official_in1k": _cfg(),
-    "nat_small.official_in1k": _cfg(),
-    "nat_base.official_in1k": _cfg(),
-    "dinat_mini.official_in1k": _dinat_cfg(),
-    "dinat_tiny.official_in1k": _dinat_cfg(),
-    "dinat_small.official_in1k": _dinat_cfg(),
-    "dinat_base.official_in1k": _dinat_cfg(),
-    "dinat_large.official_in22k_ft_in1k": _dinat_cfg(),
-    "dinat_large.official_in22k": _dinat_cfg(num_classes=21841),
+    "nat_mini.in1k": _cfg(url=_NAT_URL + "nat_mini.pth"),
+    "nat_tiny.in1k": _cfg(url=_NAT_URL + "nat_tiny.pth"),
+    "nat_small.in1k": _cfg(url=_NAT_URL + "nat_small.pth"),
+    "nat_base.in1k": _cfg(url=_NAT_URL + "nat_base.pth"),
+    "dinat_mini.in1k": _dinat_cfg(url=_DINAT_URL + "imagenet1k/dinat_mini_in1k_224.pth"),
+    "dinat_tiny.in1k": _dinat_cfg(url=_DINAT_URL + "imagenet1k/dinat_tiny_in1k_224.pth"),
+    "dinat_small.in1k": _dinat_cfg(url=_DINAT_URL + "imagenet1k/dinat_small_in1k_224.pth"),
+    "dinat_base.in1k": _dinat_cfg(url=_DINAT_URL + "imagenet1k/dinat_base_in1k_224.pth"),
+    "dinat_large.in22k_ft_in1k": _dinat_cfg(
+        url=_DINAT_URL + "imagenet1k/dinat_large_in22k_in1k_224.pth",
+        notes=("The 384 px fine-tunes (dinat_large_in22k_in1k_384.pth: dilations 13/6/3; "
+               "dinat_large_in22k_in1k_384_11x11.pth: kernel 11) are other architectures, not registered.",)),
+    "dinat_large.in22k": _dinat_cfg(url=_DINAT_URL + "imagenet22k/dinat_large_in22k_224.pth", num_classes=21841),
     "test_nat.untrained": _cfg(input_size=(3, 64, 64), pool_size=(2, 2)),
     "test_dinat.untrained": _dinat_cfg(input_size=(3, 64, 64), pool_size=(2, 2)),
 })

@@ -4,8 +4,10 @@ One layer for both official families: Agent-Swin (fused ``qkv`` projection, keys
 on the full map) and Agent-PVT (``q`` and ``kv`` projections, keys optionally after
 PVT's spatial-reduction conv ``sr`` + ``norm``). Parameter names are the official
 ones (``qkv`` | ``q``/``kv``/``sr``/``norm``, ``proj``, ``dwc``, ``an_bias``,
-``na_bias``, ``ah_bias``, ``aw_bias``, ``ha_bias``, ``wa_bias``) with the official
-shapes, so released checkpoints load by name.
+``na_bias``, ``ah_bias``, ``aw_bias``, ``ha_bias``, ``wa_bias``) and the state dict
+has the official shapes, so released checkpoints load by name. The four row / column
+biases are 4-D parameters (the official 5-D shape without its leading 1), so the
+module can be moved to ``channels_last``.
 
 Unlike the official code the layer takes any map size and any number of agents:
 the official row / column biases are sized for the 224 px map and the agents
@@ -61,6 +63,28 @@ def resize_agent_param(name: str, value: torch.Tensor, shape: Tuple[int, ...]) -
         if d != agent_dim and value.shape[d] != shape[d]:
             value = _resize_axis(value, d, shape[d])
     return value.contiguous()
+
+
+# The row / column biases are 5-D in the official model and its checkpoints ([1, heads, ...],
+# the 1 broadcasting over the batch). ``Module.to(memory_format=torch.channels_last)`` converts
+# every 4-D and 5-D tensor and refuses channels_last for a 5-D one, so the parameters drop the
+# leading 1; the state dict restores it (and loading removes it), so checkpoints keep the
+# official keys and shapes.
+_ROW_COL_BIASES = ("ah_bias", "aw_bias", "ha_bias", "wa_bias")
+
+
+def _row_col_biases_to_official(module, state_dict, prefix, local_metadata):
+    for name in _ROW_COL_BIASES:
+        if prefix + name in state_dict:
+            state_dict[prefix + name] = state_dict[prefix + name].unsqueeze(0)
+
+
+def _row_col_biases_from_official(module, state_dict, prefix, local_metadata, strict, missing_keys,
+                                  unexpected_keys, error_msgs):
+    for name in _ROW_COL_BIASES:
+        t = state_dict.get(prefix + name)
+        if isinstance(t, torch.Tensor) and t.dim() == 5 and t.shape[0] == 1:
+            state_dict[prefix + name] = t.squeeze(0)
 
 
 class AgentAttention(nn.Module):
@@ -133,21 +157,24 @@ class AgentAttention(nn.Module):
         s = sr_ratio or 1
         self.an_bias = nn.Parameter(torch.zeros(num_heads, num_agents, 7, 7))
         self.na_bias = nn.Parameter(torch.zeros(num_heads, num_agents, 7, 7))
-        self.ah_bias = nn.Parameter(torch.zeros(1, num_heads, num_agents, h // s, 1))
-        self.aw_bias = nn.Parameter(torch.zeros(1, num_heads, num_agents, 1, w // s))
-        self.ha_bias = nn.Parameter(torch.zeros(1, num_heads, h, 1, num_agents))
-        self.wa_bias = nn.Parameter(torch.zeros(1, num_heads, 1, w, num_agents))
+        # the official [1, heads, ...] row / column biases without their leading 1 (see _ROW_COL_BIASES)
+        self.ah_bias = nn.Parameter(torch.zeros(num_heads, num_agents, h // s, 1))
+        self.aw_bias = nn.Parameter(torch.zeros(num_heads, num_agents, 1, w // s))
+        self.ha_bias = nn.Parameter(torch.zeros(num_heads, h, 1, num_agents))
+        self.wa_bias = nn.Parameter(torch.zeros(num_heads, 1, w, num_agents))
         for p in (self.an_bias, self.na_bias, self.ah_bias, self.aw_bias, self.ha_bias, self.wa_bias):
             trunc_normal_(p, std=0.02)
+        self.register_state_dict_post_hook(_row_col_biases_to_official)
+        self.register_load_state_dict_pre_hook(_row_col_biases_from_official)
 
     def biases(self, size: Tuple[int, int], kv_size: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
         """``B1`` ``[heads, A, Hk * Wk]`` and ``B2`` ``[heads, H * W, A]`` for a query map ``size``
         and a key map ``kv_size``."""
         heads, agents = self.num_heads, self.num_agents
         b1 = F.interpolate(self.an_bias, size=kv_size, mode="bilinear", align_corners=False)
-        b1 = b1 + _resize_axis(self.ah_bias[0], 2, kv_size[0]) + _resize_axis(self.aw_bias[0], 3, kv_size[1])
+        b1 = b1 + _resize_axis(self.ah_bias, 2, kv_size[0]) + _resize_axis(self.aw_bias, 3, kv_size[1])
         b2 = F.interpolate(self.na_bias, size=size, mode="bilinear", align_corners=False).permute(0, 2, 3, 1)
-        b2 = b2 + _resize_axis(self.ha_bias[0], 1, size[0]) + _resize_axis(self.wa_bias[0], 2, size[1])
+        b2 = b2 + _resize_axis(self.ha_bias, 1, size[0]) + _resize_axis(self.wa_bias, 2, size[1])
         return b1.reshape(heads, agents, -1), b2.reshape(heads, -1, agents)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -286,3 +286,44 @@ def test_full_models_take_192x256(name):
         out, feats = model.forward_intermediates(torch.randn(1, 3, 192, 256))
     assert [f.shape[-2:] for f in feats] == [(48, 64), (24, 32), (12, 16), (6, 8)]
     assert torch.isfinite(model.forward_head(out)).all()
+
+
+@pytest.mark.parametrize("name", ["agent_swin_tiny", "agent_pvt_tiny"])
+def test_channels_last_and_output_fmt(name):
+    """``model.to(memory_format=torch.channels_last)`` (tools/train.py --channels-last) failed on the
+    5-D row / column biases; they are 4-D parameters now, and the state dict keeps the official
+    5-D shapes. forward_features is NHWC and says so, as timm's Swin (meta tensors: shapes only)."""
+    with torch.device("meta"):
+        model = timm.create_model(name).eval()
+    before = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    model.to(memory_format=torch.channels_last)
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == before
+    key = next(k for k in before if k.endswith("ah_bias"))
+    assert before[key] == (1, 1 if "pvt" in name else 3, 9, 56, 1)
+    assert model.output_fmt == "NHWC"
+    with torch.device("meta"):
+        feat = model.forward_features(torch.empty(1, 3, 224, 224))
+    assert feat.shape == (1, 7, 7, model.num_features)
+
+
+def test_row_col_biases_state_dict_round_trip():
+    """The state dict's 5-D biases are views of the 4-D parameters (in-place updates through it,
+    as timm's ModelEmaV3 makes, reach the model) and load back, strict, plain or assigned."""
+    model = _perturb(timm.create_model("test_agent_pvt", num_classes=3)).eval()
+    sd = model.state_dict()
+    names = ("ah_bias", "aw_bias", "ha_bias", "wa_bias")
+    for k, v in sd.items():
+        if k.endswith(names):
+            param = model.get_parameter(k)
+            assert v.dim() == 5 and v.shape[0] == 1 and param.dim() == 4 and torch.equal(v[0], param)
+    key = "stages.0.blocks.0.attn.ha_bias"
+    with torch.no_grad():
+        sd[key].add_(1.0)
+    assert torch.equal(model.get_parameter(key), sd[key][0])
+    x = torch.randn(1, 3, 64, 64)
+    for assign in (False, True):
+        fresh = timm.create_model("test_agent_pvt", num_classes=3).eval()
+        fresh.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, strict=True, assign=assign)
+        assert fresh.get_parameter(key).dim() == 4
+        with torch.no_grad():
+            torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)

@@ -2,7 +2,8 @@
 import pytest
 import timm
 import torch
-from timm.models._registry import _model_entrypoints
+from timm.layers import get_channel_dim
+from timm.models import model_entrypoint
 
 import attnzoo
 
@@ -20,11 +21,11 @@ def _create(name, **kwargs):
 def test_registry_is_ours_and_shadows_nothing():
     assert MODELS and MODELS == sorted(MODELS)
     for name in MODELS:
-        assert _model_entrypoints[name].__module__.startswith("attnzoo."), name
+        assert model_entrypoint(name).__module__.startswith("attnzoo."), name
     assert attnzoo.list_models("cbam_*") == [n for n in MODELS if n.startswith("cbam_")]
     # timm's own models keep their timm definitions
     for name in ("halonet50ts", "resnet50", "ecaresnet50d"):
-        assert _model_entrypoints[name].__module__.startswith("timm."), name
+        assert model_entrypoint(name).__module__.startswith("timm."), name
 
 
 def test_register_refuses_timm_names():
@@ -80,6 +81,9 @@ def test_model_features(name):
     assert [t.shape for t in only] == [inter[1].shape, inter[2].shape]
     assert [t.shape for t in early] == [inter[1].shape]
     torch.testing.assert_close(final, model.forward_features(x))
+    # timm reads forward_features' layout from output_fmt (NCHW when absent), as on its Swin
+    fmt = getattr(model, "output_fmt", "NCHW")
+    assert final.dim() == 4 and final.shape[get_channel_dim(fmt)] == model.num_features, (fmt, final.shape)
 
     feat = _create(name, features_only=True, out_indices=(1, 2, 3)).eval()
     with torch.no_grad():

@@ -384,3 +384,18 @@ def test_group_matcher_covers_every_parameter():
     for coarse in (True, False):
         groups = group_parameters(model, model.group_matcher(coarse=coarse))
         assert sum(len(v) for v in groups.values()) == len(list(model.named_parameters()))
+
+
+@pytest.mark.parametrize("name", ["nat_mini", "dinat_mini"])
+def test_output_fmt_is_nhwc(name):
+    """forward_features is [B, H, W, C]: declared as timm's Swin declares it, so timm's
+    test_model_default_cfgs and features_only read the layout right (meta tensors: shapes only)."""
+    with torch.device("meta"):
+        model = timm.create_model(name).eval()
+        x = torch.empty(1, *model.pretrained_cfg["input_size"])
+        feat = model.forward_features(x)
+        assert model.output_fmt == "NHWC"
+        assert feat.shape == (1, *model.pretrained_cfg["pool_size"], model.num_features)
+        assert model.forward_head(feat, pre_logits=True).shape == (1, model.head_hidden_size)
+        model.reset_classifier(0, "")
+        assert model(x).shape == feat.shape

@@ -121,6 +121,8 @@ def test_validation_names_shapes():
         agent_op.agent_attention(q.double(), k, v, a, None, None)
     with pytest.raises(ValueError, match="query_bias must be"):
         agent_op.agent_attention(q, k, v, a, b1, b2.double())
+    with pytest.raises(ValueError, match="one floating dtype"):
+        agent_op.agent_attention(*(t.long() for t in (q, k, v, a)), None, None)
 
 
 def test_dispatch(monkeypatch):

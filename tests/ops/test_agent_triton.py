@@ -12,7 +12,10 @@ import zlib
 
 import pytest
 import torch
+from _property import settings_for, sizes
 from _triton_harness import kernel_module, poison_empty
+from hypothesis import given
+from test_agent_props import DEGENERATE, NAMES, Case, cases
 
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
@@ -120,3 +123,37 @@ def test_dispatch_reaches_triton(monkeypatch):
     x = torch.randn(1, 1, 8, 16, device=DEVICE)
     agent_op.agent_attention(x, x, x, x[:, :, :4], backend="triton")
     assert calls == [1]
+
+
+# --------------------------------------------------------------------------- properties
+# The properties of test_agent_props.py on the Triton backend, on shapes the interpreter runs
+# quickly (every size still spans its padded block: A, D -> 16; N, M up to 20 < 64).
+
+@kernel_test
+@pytest.mark.parametrize("n", sizes(40, 400))
+def test_properties_match_reference(n):
+    @settings_for(n)
+    @given(case=cases(max_tokens=20, max_agents=6, max_dim=8, max_batch=2))
+    def prop(case):
+        case.check("triton", device=DEVICE)
+
+    prop()
+
+
+@kernel_test
+@pytest.mark.parametrize("n", sizes(10, 100))
+def test_properties_under_bf16_autocast(n):
+    @settings_for(n)
+    @given(case=cases(dtypes=(torch.float32,), max_tokens=12, max_agents=4, max_dim=8, max_batch=2))
+    def prop(case):
+        case.check("triton", device=DEVICE, autocast=torch.bfloat16)
+
+    prop()
+
+
+@kernel_test
+@pytest.mark.parametrize("dtype", [F64, F32, BF16, F16], ids=str)
+def test_degenerate_sizes(dtype):
+    for shape in DEGENERATE:
+        Case(*shape, biases=(True, True), scale=None, dtype=dtype, layouts={}, grad_of=NAMES, seed=7).check(
+            "triton", device=DEVICE)

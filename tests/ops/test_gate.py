@@ -6,6 +6,7 @@ from collections import OrderedDict
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from attnzoo.ops import gate
@@ -155,6 +156,41 @@ def test_bad_inputs():
         gate.eca_gate(torch.randn(1, 4, 3, 3), torch.ones(1, 1, 4))
     with pytest.raises(ValueError, match="empty"):
         gate.eca_gate(torch.randn(0, 4, 3, 3), w)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.uint8, torch.bool, torch.complex64], ids=str)
+def test_non_float_maps_are_refused_up_front(dtype):
+    """Not torch's "could not infer output dtype" from deep inside: the op, the argument, the dtype."""
+    mlp, conv, w = _gate_fns(4, torch.float32)
+    x = torch.ones(1, 4, 3, 3, dtype=dtype)
+    for backend in ("reference", "cpu"):
+        with pytest.raises(ValueError, match=rf"eca_gate: x must be a floating-point feature map, got dtype {dtype}"):
+            gate.eca_gate(x, w, backend=backend)
+        with pytest.raises(ValueError, match="channel_gate: x must be a floating-point"):
+            gate.channel_gate(x, mlp, backend=backend)
+        with pytest.raises(ValueError, match="spatial_gate: x must be a floating-point"):
+            gate.spatial_gate(x, conv, backend=backend)
+        with pytest.raises(ValueError, match="cbam_gate: x must be a floating-point"):
+            gate.cbam_gate(x, mlp, conv, backend=backend)
+    with pytest.raises(ValueError, match=r"eca_gate: weight must be a floating-point tensor .* got torch.int64"):
+        gate.eca_gate(torch.randn(1, 4, 3, 3), torch.ones(1, 1, 3, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_cbam_gate_params_of_plain_callables(backend):
+    """Plain callables' tensors passed in channel_params / spatial_params get their gradients
+    from the fused backends too (before, cbam_gate had no way to name them: none came back)."""
+    g = torch.Generator().manual_seed(0)
+    w1, w2 = (torch.randn(4, 4, generator=g, requires_grad=True) for _ in range(2))
+    cw = torch.randn(1, 2, 3, 3, generator=g, requires_grad=True)
+    x = torch.randn(2, 4, 5, 5, generator=g, requires_grad=True)
+    y = gate.cbam_gate(x, lambda p: torch.tanh(p @ w1) @ w2, lambda p: F.conv2d(p, cw, padding=1), backend=backend,
+                       channel_params=[w1, w2], spatial_params=[cw])
+    got = torch.autograd.grad(y.square().sum(), [x, w1, w2, cw])
+    y = gate.cbam_gate(x, lambda p: torch.tanh(p @ w1) @ w2, lambda p: F.conv2d(p, cw, padding=1), backend="reference")
+    want = torch.autograd.grad(y.square().sum(), [x, w1, w2, cw])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])

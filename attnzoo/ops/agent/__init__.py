@@ -17,6 +17,10 @@ Backends (``backend=`` or ``$ATTNZOO_BACKEND``; default: the best that can run):
 - ``cpu``: batched GEMMs with a hand-written backward (``cpu.py``).
 - ``triton``: fused forward and backward kernels (``triton.py``, CUDA); neither
   ``[N, A]`` nor ``[A, N]`` probability matrix reaches global memory.
+
+Autocast, as ``ops.linear``: the op sets its own precision. Every backend runs with autocast
+off, forward and backward, in the inputs' dtype (half inputs accumulate in fp32), and returns
+that dtype; under autocast the layer hands it the dtype its projections produced.
 """
 from typing import Optional
 
@@ -24,6 +28,7 @@ import torch
 
 from .. import _dispatch
 from . import cpu, reference
+from .cpu import no_autocast
 
 __all__ = ["agent_attention", "BACKENDS"]
 
@@ -79,9 +84,13 @@ def agent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, agent_tok
         scale: logit scale ``s`` of both stages, default ``D ** -0.5``.
         backend: ``"reference" | "cpu" | "triton"``; default: the best that can run.
 
-    Returns ``[B, heads, N, D]`` in q's dtype. Every input (biases included) is differentiable.
+    Returns ``[B, heads, N, D]`` in q's dtype, also under autocast. Every input (biases
+    included) is differentiable.
     """
     scale = _validate(q, k, v, agent_tokens, agent_bias, query_bias, scale)
     tensors = [t for t in (q, k, v, agent_tokens, agent_bias, query_bias) if t is not None]
     chosen = _dispatch.choose_backend("agent_attention", BACKENDS, tensors, backend)
-    return chosen.impl.agent_attention(q, k, v, agent_tokens, agent_bias, query_bias, scale)
+    # autocast would round the GEMMs' results to bf16 / fp16 between the two stages and leave
+    # the saved tensors in another dtype than the backward's inputs
+    with no_autocast(q.device.type):
+        return chosen.impl.agent_attention(q, k, v, agent_tokens, agent_bias, query_bias, scale)

@@ -9,16 +9,32 @@ FlashAttention) instead of over the softmax axis, and gradients nobody asked
 for are skipped.
 The two probability matrices ``[B, h, A, M]`` and ``[B, h, N, A]`` are the only
 saved activations besides the inputs, ``V_A`` and the output.
+
+Half inputs are computed in fp32 and the results cast back (as the Triton kernels'
+accumulators and ``ops.linear``): each softmax backward subtracts two ~1 terms,
+``dP - rowsum(dP * P)``, whose bf16 roundings swamp a small gradient; fp64 stays fp64.
 """
+import contextlib
 from typing import Optional
 
 import torch
+
+
+def no_autocast(device_type: str):
+    """Autocast off for ``device_type`` (a no-op where autocast does not exist, e.g. meta)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class _AgentAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, agent_tokens, agent_bias, query_bias, scale):
+        ctx.dtype = q.dtype
+        compute = torch.promote_types(q.dtype, torch.float32)
+        q, k, v, agent_tokens, agent_bias, query_bias = (
+            t.to(compute) if t is not None else None for t in (q, k, v, agent_tokens, agent_bias, query_bias))
         a = agent_tokens * scale  # [B, h, A, D]: scaling the agents scales both stages' logits
         logits = torch.matmul(a, k.transpose(-2, -1))
         if agent_bias is not None:
@@ -35,14 +51,20 @@ class _AgentAttention(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, a, p1, p2, agent_v, out)
         ctx.scale = scale
         ctx.has_bias = (agent_bias is not None, query_bias is not None)
-        return out
+        return out.to(ctx.dtype)
 
     @staticmethod
     def backward(ctx, dout):
+        # the op's precision, as in the forward (``__init__``): backward may run under autocast
+        with no_autocast(dout.device.type):
+            return _AgentAttention._backward(ctx, dout)
+
+    @staticmethod
+    def _backward(ctx, dout):
         q, k, v, a, p1, p2, agent_v, out = ctx.saved_tensors
         need_q, need_k, need_v, need_a, need_b1, need_b2, _ = ctx.needs_input_grad
         dq = dk = dv = da = db1 = db2 = None
-        dout = dout.contiguous()
+        dout = dout.to(q.dtype).contiguous()
         # stage 2: out = P2 V_A, P2 = softmax(Q A_s^T + B2)
         d_agent_v = torch.matmul(p2.transpose(-2, -1), dout)
         if need_q or need_a or need_b2:
@@ -70,7 +92,8 @@ class _AgentAttention(torch.autograd.Function):
                 db1 = ds1.sum(0)
         if da is not None:
             da = da * ctx.scale  # A_s = A * scale
-        return dq, dk, dv, da, db1, db2, None
+        grads = (t.to(ctx.dtype) if t is not None else None for t in (dq, dk, dv, da, db1, db2))
+        return (*grads, None)
 
 
 def agent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, agent_tokens: torch.Tensor,

@@ -6,6 +6,11 @@ vector are matrix-vector products (a loop of ``mv``: ``bmm`` with a vector
 operand is several times slower on CPU), max gradients are scatters through the
 argmax, and the input gradient is built in place in one buffer. Fresh full-size
 buffers are what cost most on CPU (page faults), so the backward allocates two.
+
+The gradients of the gate scales come back in fp32 for half maps (fp64 for fp64), the
+scales' dtype: rounded to bf16 per pixel, a sum over the map downstream (a conv bias's
+gradient) would cancel their errors into a wrong result. Half maps take those
+reductions one sample at a time, so the fp32 copies stay one sample large.
 """
 from typing import Optional, Tuple
 
@@ -24,6 +29,10 @@ def _bmv(mat: Tensor, vec: Tensor) -> Tensor:
     return torch.stack([torch.mv(m, v) for m, v in zip(mat, vec.to(mat.dtype))])
 
 
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
 def pool_channels(x: Tensor, with_max: bool, need_idx: bool = True) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     flat = _flat(x)
     avg = flat.mean(-1)
@@ -37,6 +46,13 @@ def pool_channels(x: Tensor, with_max: bool, need_idx: bool = True) -> Tuple[Ten
 
 def pool_spatial(x: Tensor, cscale: Optional[Tensor], need_idx: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
     B, C, H, W = x.shape
+    acc = _acc(x.dtype)
+    if cscale is not None and acc != x.dtype:
+        # x * cscale in fp32, one sample at a time (as the Triton kernel, in registers): rounded
+        # to half, the products tie where the true maximum does not, and the argmax moves
+        pools = [pool_spatial(x[b:b + 1].to(acc), cscale[b:b + 1], need_idx) for b in range(B)]
+        idx = torch.cat([i for _, i in pools]) if need_idx else None
+        return torch.cat([p for p, _ in pools]).to(x.dtype), idx
     flat = _flat(x)
     xs = flat if cscale is None else flat * cscale.unsqueeze(-1).to(x.dtype)
     if need_idx:
@@ -47,6 +63,10 @@ def pool_spatial(x: Tensor, cscale: Optional[Tensor], need_idx: bool = True) -> 
         mean = flat.mean(dim=1)
     else:
         mean = torch.bmm(cscale.unsqueeze(1).to(x.dtype), flat).squeeze(1) / C
+    if x.dtype == torch.float64:
+        # oneDNN has no fp64 path; and torch's fallback conv (slow_conv2d) cannot take the
+        # backward of a channels_last map with a channels_last weight
+        return torch.stack([mx, mean], dim=1).view(B, 2, H, W), idx
     # channels-last [B, 2, H, W]: a 7x7 conv on 2 channels takes oneDNN's path that way,
     # ~4x faster than the NCHW fallback at 56x56 (forward + backward)
     return torch.stack([mx, mean], dim=-1).view(B, H, W, 2).permute(0, 3, 1, 2), idx
@@ -61,8 +81,13 @@ def scale(x: Tensor, cscale: Optional[Tensor], sscale: Optional[Tensor]) -> Tens
 
 def scale_grads(dy: Tensor, x: Tensor, cscale: Optional[Tensor], sscale: Optional[Tensor],
                 need_cs: bool, need_ss: bool) -> Tuple[Optional[Tensor], Optional[Tensor]]:
-    """dcs = sum_hw dy * x * sscale, dss = sum_c dy * x * cscale."""
+    """dcs = sum_hw dy * x * sscale, dss = sum_c dy * x * cscale, in fp32 (fp64 for fp64 maps)."""
     B, C, H, W = x.shape
+    acc = _acc(x.dtype)
+    if acc != x.dtype:  # half map: one fp32 sample at a time
+        grads = [scale_grads(dy[b:b + 1].to(acc), x[b:b + 1].to(acc), None if cscale is None else cscale[b:b + 1],
+                             None if sscale is None else sscale[b:b + 1], need_cs, need_ss) for b in range(B)]
+        return tuple(torch.cat(g) if need else None for g, need in zip(zip(*grads), (need_cs, need_ss)))
     p = _flat(dy * x)
     dcs = dss = None
     if need_cs:
@@ -73,12 +98,15 @@ def scale_grads(dy: Tensor, x: Tensor, cscale: Optional[Tensor], sscale: Optiona
 
 
 def pool_spatial_cs_grad(x: Tensor, dpooled: Tensor, idx: Tensor) -> Tensor:
-    """Gradient of ``pool_spatial(x, cs)`` w.r.t. cs: sum_hw x * (dmean / C + [c == argmax] dmax)."""
+    """Gradient of ``pool_spatial(x, cs)`` w.r.t. cs: sum_hw x * (dmean / C + [c == argmax] dmax),
+    in fp32 (fp64 for fp64 maps)."""
     B, C, H, W = x.shape
+    acc = _acc(x.dtype)
     flat = _flat(x)
-    d = dpooled.reshape(B, 2, H * W).to(x.dtype)
-    dcs = _bmv(flat, d[:, 1] / C)
-    return dcs.scatter_add_(1, idx, flat.gather(1, idx.unsqueeze(1)).squeeze(1) * d[:, 0])
+    d = dpooled.reshape(B, 2, H * W).to(acc)
+    # a half map one sample at a time in fp32 (see the module docstring)
+    dcs = torch.stack([torch.mv(m.to(acc), v) for m, v in zip(flat, d[:, 1] / C)])
+    return dcs.scatter_add_(1, idx, flat.gather(1, idx.unsqueeze(1)).squeeze(1).to(acc) * d[:, 0])
 
 
 def input_grad(dy: Tensor, cscale: Optional[Tensor], sscale: Optional[Tensor],

@@ -340,15 +340,17 @@ def _scale_backward(dy, x, cscale, sscale, need_dx, need_cs, need_ss):
 
 
 def scale_grads(dy, x, cscale, sscale, need_cs: bool, need_ss: bool):
-    """``dcs = sum_hw dy * x * sscale``, ``dss = sum_c dy * x * cscale``, in x's dtype."""
+    """``dcs = sum_hw dy * x * sscale``, ``dss = sum_c dy * x * cscale``, in fp32 (fp64 for fp64
+    maps): the scales' dtype, unrounded (see ``cpu.py``)."""
     if not (need_cs or need_ss):
         return None, None
     _, dcs, dss = _scale_backward(dy, x, cscale, sscale, False, need_cs, need_ss)
-    return (None if dcs is None else dcs.to(x.dtype)), (None if dss is None else dss.to(x.dtype))
+    return dcs, dss
 
 
 def pool_spatial_cs_grad(x: torch.Tensor, dpooled: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Gradient of ``pool_spatial(x, cs)`` w.r.t. cs: ``sum_hw x * (dmean / C + [c == argmax] dmax)``."""
+    """Gradient of ``pool_spatial(x, cs)`` w.r.t. cs: ``sum_hw x * (dmean / C + [c == argmax] dmax)``,
+    in fp32 (fp64 for fp64 maps)."""
     B, C, H, W = x.shape
     x, sx = _flat(x)
     acc, acc_torch = _acc_dtype(x.dtype)
@@ -358,7 +360,7 @@ def pool_spatial_cs_grad(x: torch.Tensor, dpooled: torch.Tensor, idx: torch.Tens
         x, dpooled.reshape(B, 2, H * W).contiguous(), idx, dcs, C, H * W, *sx,
         ACC=acc, BLOCK_C=bc, BLOCK_HW=bhw,
     )
-    return dcs.to(x.dtype)
+    return dcs
 
 
 def _input_grad(shape, dtype, device, memory_format, dy, cscale, sscale, davg, dmax, cidx, dpooled, sidx):
@@ -479,7 +481,7 @@ def _spatial_cs_grad_op(x: Tensor, dpooled: Tensor, idx: Tensor) -> Tensor:
 
 @_spatial_cs_grad_op.register_fake
 def _(x, dpooled, idx):
-    return x.new_empty(x.shape[:2])
+    return x.new_empty(x.shape[:2], dtype=_acc_dtype(x.dtype)[1])
 
 
 def _setup_spatial_pool(ctx, inputs, output):
