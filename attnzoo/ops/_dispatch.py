@@ -19,6 +19,7 @@ a torch.compile trace cannot, since a logging call there is a graph break.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -79,6 +80,24 @@ def capturing() -> Optional[str]:
     if torch.compiler.is_compiling():
         return "compile"
     return None
+
+
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The autocast dtype when autocast is on for ``device_type``, else None."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def no_autocast(device_type: str):
+    """Autocast off for ``device_type`` (a no-op where autocast does not exist, e.g. meta).
+
+    Every op runs its backends inside this, forward and backward: the op sets its own precision
+    (half inputs accumulate in fp32), and autocast would otherwise round some of a backend's
+    matmuls to half and not others, leaving saved tensors in another dtype than the backward's."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def triton_interpreting() -> bool:

@@ -28,7 +28,6 @@ import torch
 
 from .. import _dispatch
 from . import cpu, reference
-from .cpu import no_autocast
 
 __all__ = ["agent_attention", "BACKENDS"]
 
@@ -92,5 +91,5 @@ def agent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, agent_tok
     chosen = _dispatch.choose_backend("agent_attention", BACKENDS, tensors, backend)
     # autocast would round the GEMMs' results to bf16 / fp16 between the two stages and leave
     # the saved tensors in another dtype than the backward's inputs
-    with no_autocast(q.device.type):
+    with _dispatch.no_autocast(q.device.type):
         return chosen.impl.agent_attention(q, k, v, agent_tokens, agent_bias, query_bias, scale)

@@ -14,17 +14,11 @@ Half inputs are computed in fp32 and the results cast back (as the Triton kernel
 accumulators and ``ops.linear``): each softmax backward subtracts two ~1 terms,
 ``dP - rowsum(dP * P)``, whose bf16 roundings swamp a small gradient; fp64 stays fp64.
 """
-import contextlib
 from typing import Optional
 
 import torch
 
-
-def no_autocast(device_type: str):
-    """Autocast off for ``device_type`` (a no-op where autocast does not exist, e.g. meta)."""
-    if torch.amp.is_autocast_available(device_type):
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
+from .. import _dispatch
 
 
 class _AgentAttention(torch.autograd.Function):
@@ -56,7 +50,7 @@ class _AgentAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         # the op's precision, as in the forward (``__init__``): backward may run under autocast
-        with no_autocast(dout.device.type):
+        with _dispatch.no_autocast(dout.device.type):
             return _AgentAttention._backward(ctx, dout)
 
     @staticmethod

@@ -21,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import _dispatch
 from .._triton_common import acc_dtype as _acc_dtype, upcast as _upcast
-from .cpu import no_autocast
 
 _BLOCK_N = 64  # queries per program in stage 2
 _BLOCK_M = 64  # keys per step (stage 1 forward) / per program (stage 1 backward)
@@ -214,7 +214,7 @@ class _AgentAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         # the op's precision, as in the forward (``__init__``): backward may run under autocast
-        with no_autocast(dout.device.type):
+        with _dispatch.no_autocast(dout.device.type):
             return _AgentAttention._backward(ctx, dout)
 
     @staticmethod

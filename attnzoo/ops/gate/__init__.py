@@ -59,13 +59,6 @@ def _check_map(op: str, x: torch.Tensor) -> None:
         raise ValueError(f"{op}: got an empty feature map of shape {tuple(x.shape)}")
 
 
-def _no_autocast(device_type: str):
-    """Autocast off for ``device_type`` (a no-op where autocast does not exist, e.g. meta)."""
-    if torch.amp.is_autocast_available(device_type):
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
-
-
 def _as_caller(fn: Optional[GateFn], device_type: str) -> Optional[GateFn]:
     """``fn`` run under the caller's autocast state from inside the op's autocast-off region."""
     if fn is None or not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
@@ -153,7 +146,7 @@ class _FusedGate(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        with _no_autocast(dy.device.type):  # as the forward's own passes (backward may run under autocast)
+        with _dispatch.no_autocast(dy.device.type):  # as the forward's own passes (backward may run under autocast)
             return _FusedGate._backward(ctx, dy)
 
     @staticmethod
@@ -195,7 +188,7 @@ def _gate(op, x, channel_fn, use_max, spatial_fn, backend, channel_params=(), sp
     device = x.device.type
     if caller_autocast:
         channel_fn, spatial_fn = _as_caller(channel_fn, device), _as_caller(spatial_fn, device)
-    with _no_autocast(device):
+    with _dispatch.no_autocast(device):
         if chosen.name == "reference":
             return _reference(op, x, channel_fn, use_max, spatial_fn)
         if _dispatch.capturing() is not None:

@@ -130,7 +130,7 @@ def _check_bias(op: str, name: str, t, q: torch.Tensor, expect: tuple, layout: s
         raise ValueError(f"{op}: {name} must be a floating tensor on {q.device}, got {t.dtype} on {t.device}")
     if t.dtype != q.dtype:
         # backends would otherwise disagree (promote, cast or fail); the caller picks the precision
-        under = " (after autocast's cast)" if _autocast_dtype(q.device.type) is not None else ""
+        under = " (after autocast's cast)" if _dispatch.autocast_dtype(q.device.type) is not None else ""
         raise ValueError(f"{op}: {name} must have q's dtype {q.dtype}{under}, got {t.dtype}")
 
 
@@ -139,25 +139,18 @@ def _validate_rel(op: str, name: str, rel, q: torch.Tensor, kk: int):
         _check_bias(op, name, rel, q, tuple(q.shape[:-1]) + (kk,), "[B, H, W, heads, k]")
 
 
-def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
-    """The autocast dtype when autocast is on for ``device_type``, else None."""
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return None
-
-
 def _autocast(q, *tensors):
     """``((q, *tensors), context)``. Under autocast (as ``custom_fwd(cast_inputs=)``): the floating
     tensors cast to the autocast dtype (float64 left alone), and a context that turns autocast off
     while the backend runs, so its forward and backward see one dtype (autocast would round some
     of its matmuls to half and not others). Otherwise the inputs as given and a null context.
     Non-tensors pass through to validation."""
-    dtype = _autocast_dtype(q.device.type) if isinstance(q, torch.Tensor) else None
+    dtype = _dispatch.autocast_dtype(q.device.type) if isinstance(q, torch.Tensor) else None
     if dtype is None:
         return (q, *tensors), contextlib.nullcontext()
     cast = tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
                  else t for t in (q, *tensors))
-    return cast, torch.autocast(q.device.type, enabled=False)
+    return cast, _dispatch.no_autocast(q.device.type)
 
 
 def na2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: IntOrPair, dilation: IntOrPair = 1,
