@@ -19,7 +19,7 @@ setup(
     packages=find_packages(include=["attnzoo", "attnzoo.*"]),
     python_requires=">=3.9",
     install_requires=[
-        "torch", "torchvision", "timm>=1.0.15", "safetensors", "tqdm",
+        "torch", "torchvision", "timm>=1.0.21", "safetensors", "tqdm",
         "scikit-learn",  # ships the digits set that train/validate use by default
         "matplotlib",  # training curves
     ],

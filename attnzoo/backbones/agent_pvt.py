@@ -26,7 +26,7 @@ from typing import Dict, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
-from timm.layers import ClassifierHead, DropPath, Mlp, to_2tuple, trunc_normal_
+from timm.layers import calculate_drop_path_rates, ClassifierHead, DropPath, Mlp, to_2tuple, trunc_normal_
 from timm.models import generate_default_cfgs
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -194,7 +194,7 @@ class AgentPyramidVisionTransformer(ClassifierHeadMixin, StagedFeaturesMixin, nn
         img_size = to_2tuple(img_size)
         self.num_features = self.head_hidden_size = embed_dims[-1]
         self.output_fmt = "NHWC"  # forward_features' layout, read by timm (as on its Swin)
-        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, sum(depths), device="cpu")]
+        dpr = calculate_drop_path_rates(drop_path_rate, depths, stagewise=True)  # per stage, linear over blocks
         self.stages = nn.ModuleList()
         self.feature_info = []
         reduction = patch_size
@@ -205,7 +205,7 @@ class AgentPyramidVisionTransformer(ClassifierHeadMixin, StagedFeaturesMixin, nn
             self.stages.append(AgentPvtStage(
                 in_chans if i == 0 else embed_dims[i - 1], embed_dims[i], patch_size if i == 0 else 2, feat_size,
                 depths[i], num_heads[i], int(num_agents[i]), sr_ratio=int(sr_ratios[i]),
-                drop_path=dpr[sum(depths[:i]):sum(depths[:i + 1])], proj_drop=proj_drop_rate,
+                drop_path=dpr[i], proj_drop=proj_drop_rate,
                 mlp_ratio=mlp_ratios[i], qkv_bias=qkv_bias, attn_drop=attn_drop_rate, norm_layer=norm_layer))
             self.feature_info.append(dict(num_chs=embed_dims[i], reduction=reduction, module=f"stages.{i}"))
         self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate,

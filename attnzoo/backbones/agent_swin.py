@@ -27,7 +27,7 @@ at 224 px, Agent-Swin-S at 288 and Agent-Swin-B at 384 px; build the latter two 
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-from timm.layers import ClassifierHead, DropPath, Mlp, PatchEmbed, to_2tuple
+from timm.layers import calculate_drop_path_rates, ClassifierHead, DropPath, Mlp, PatchEmbed, to_2tuple
 from timm.models import generate_default_cfgs
 from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock
 from torch import nn
@@ -190,14 +190,14 @@ class AgentSwinTransformer(ClassifierHeadMixin, StagedFeaturesMixin, nn.Module):
         self.pos_drop = nn.Dropout(proj_drop_rate)
         grid = (img_size[0] // patch_size, img_size[1] // patch_size)
         window_size = window_size or max(7, grid[0] // 8)
-        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, sum(depths), device="cpu")]
+        dpr = calculate_drop_path_rates(drop_path_rate, depths, stagewise=True)  # per stage, linear over blocks
         self.layers = nn.ModuleList()
         self.feature_info = []
         for i in range(n):
             feat_size = (grid[0] // 2 ** i, grid[1] // 2 ** i)
             self.layers.append(AgentSwinStage(
                 dims[max(i - 1, 0)], dims[i], feat_size, depths[i], num_heads[i], stage_types[i], int(num_agents[i]),
-                downsample=i > 0, window_size=window_size, drop_path=dpr[sum(depths[:i]):sum(depths[:i + 1])],
+                downsample=i > 0, window_size=window_size, drop_path=dpr[i],
                 norm_layer=norm_layer, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop_rate,
                 attn_drop=attn_drop_rate))
             self.feature_info.append(dict(num_chs=dims[i], reduction=patch_size * 2 ** i, module=f"layers.{i}"))

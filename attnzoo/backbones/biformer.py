@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from timm.layers import ClassifierHead, DropPath
+from timm.layers import calculate_drop_path_rates, ClassifierHead, DropPath
 from timm.models import generate_default_cfgs
 
 from .._registry import register_model
@@ -165,13 +165,13 @@ class BiFormer(ClassifierHeadMixin, StagedFeaturesMixin, nn.Module):
             nn.Sequential(nn.Conv2d(embed_dims[i], embed_dims[i + 1], 3, stride=2, padding=1),
                           nn.BatchNorm2d(embed_dims[i + 1]))
             for i in range(len(depths) - 1)])
-        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, sum(depths), device="cpu")]
+        dpr = calculate_drop_path_rates(drop_path_rate, depths, stagewise=True)  # per stage, linear over blocks
         self.stages = nn.ModuleList()
         self.feature_info = []
         for i, (depth, dim) in enumerate(zip(depths, embed_dims)):
             self.stages.append(BiFormerStage(*[
                 BiFormerBlock(dim, dim // head_dim, n_win, topks[i], mlp_ratio, side_dwconv, dense_heads,
-                              drop_path=dpr[sum(depths[:i]) + j])
+                              drop_path=dpr[i][j])
                 for j in range(depth)]))
             self.feature_info.append(dict(num_chs=dim, reduction=4 * 2 ** i, module=f"stages.{i}"))
         self.norm = nn.BatchNorm2d(self.num_features)

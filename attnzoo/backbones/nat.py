@@ -24,7 +24,7 @@ from typing import Dict, Optional, Sequence
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from timm.layers import ClassifierHead, DropPath, Mlp
+from timm.layers import calculate_drop_path_rates, ClassifierHead, DropPath, Mlp
 from timm.models import generate_default_cfgs
 
 from .._registry import register_model
@@ -196,7 +196,7 @@ class NeighborhoodAttentionTransformer(ClassifierHeadMixin, StagedFeaturesMixin,
 
         self.patch_embed = ConvTokenizer(in_chans, embed_dim, norm_layer)
         self.pos_drop = nn.Dropout(proj_drop_rate)
-        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, sum(depths), device="cpu")]
+        dpr = calculate_drop_path_rates(drop_path_rate, depths, stagewise=True)  # per stage, linear over blocks
         self.levels = nn.ModuleList()
         self.feature_info = []
         for i in range(num_levels):
@@ -204,7 +204,7 @@ class NeighborhoodAttentionTransformer(ClassifierHeadMixin, StagedFeaturesMixin,
                 dims[i], depths[i], num_heads[i], kernel_size,
                 dilations=None if dilations is None else dilations[i],
                 downsample=i < num_levels - 1,
-                drop_path=dpr[sum(depths[:i]):sum(depths[:i + 1])],
+                drop_path=dpr[i],
                 norm_layer=norm_layer,
                 mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop_rate, attn_drop=attn_drop_rate,
                 layer_scale=layer_scale,
