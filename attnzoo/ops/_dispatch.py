@@ -214,12 +214,18 @@ def _triton_traceable(module_name: str) -> Callable[[str], bool]:
     return traceable
 
 
-def standard_backends(reference, cpu, triton_module_name: str) -> list:
+def standard_backends(reference, cpu=None, triton_module_name: Optional[str] = None) -> list:
     """Priority order used by every op: triton (GPU), cpu fast path, reference.
 
+    An op without a cpu fast path or Triton kernels passes None for it and gets the others.
     The Triton module is imported only where it can run (triton installed, CUDA present),
     so that ``import attnzoo`` never needs triton; elsewhere on first use (the interpreter).
     """
+    backends = [Backend("reference", reference, can_run_reference)]
+    if cpu is not None:
+        backends.insert(0, Backend("cpu", cpu, can_run_cpu))
+    if triton_module_name is None:
+        return backends
 
     class _LazyTriton:
         def __getattr__(self, item):
@@ -236,8 +242,4 @@ def standard_backends(reference, cpu, triton_module_name: str) -> list:
             importlib.import_module(triton_module_name)
         except Exception as e:  # a broken triton install must not break `import attnzoo`
             _logger.warning("could not import %s (%s); its op runs without it", triton_module_name, e)
-    return [
-        Backend("triton", _LazyTriton(), can_run_triton, _triton_traceable(triton_module_name)),
-        Backend("cpu", cpu, can_run_cpu),
-        Backend("reference", reference, can_run_reference),
-    ]
+    return [Backend("triton", _LazyTriton(), can_run_triton, _triton_traceable(triton_module_name)), *backends]
