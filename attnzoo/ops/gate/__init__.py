@@ -8,7 +8,7 @@ sees pooled tensors, so it is passed in as a callable.
 Backends:
 - ``reference``: the readable composition under autograd (``reference.py``), the oracle.
 - ``cpu`` / ``triton``: raw passes (``cpu.py``, ``triton.py``) driven by one
-  autograd Function, ``_FusedGate``. Forward reads the map for the channel pool,
+  autograd Function, ``_FusedGate`` (its docstring says why the two share it). Forward reads the map for the channel pool,
   reads it for the spatial pool of ``x * channel_scale`` (never written) and
   writes the output once. Backward keeps the small gate graphs from the forward
   (so BN statistics update once) and needs three passes: the two scale
@@ -109,19 +109,19 @@ def _reference(op, x, channel_fn, use_max, spatial_fn, prims=reference):
     return prims.gate_scale(x, cs, ss).to(x.dtype)
 
 
-class _NoCtx:
-    """Stands in for ``ctx`` when nothing needs a gradient: keeps no graph, saves nothing."""
-
-    def save_for_backward(self, *tensors):
-        pass
-
-
 class _FusedGate(torch.autograd.Function):
+    """The cpu and triton backends' autograd Function, generic over their raw passes (``kernels``:
+    the backend module). Why one Function for two backends, unlike the other ops: the learned gate
+    callables run inside it (their small graphs are built in forward and differentiated in
+    backward, so BN statistics update once), and that logic is the same whatever computes the
+    memory-bound passes; each backend supplies only the six passes. ``keep_graph=False`` (nothing
+    needs a gradient) keeps no gate graph and no argmax indices."""
+
     @staticmethod
-    def forward(ctx, x, kernels, op, channel_fn, use_max, spatial_fn, n_channel_params, *params):
+    def forward(ctx, x, kernels, op, channel_fn, use_max, spatial_fn, n_channel_params, keep_graph, *params):
         B = x.shape[0]
         cs = ss = cidx = sidx = None
-        training = not isinstance(ctx, _NoCtx)
+        training = keep_graph
         ctx.saved_params = params
         ctx.pooled_c = ctx.cs_graph = ctx.pooled_s = ctx.ss_graph = None
         # The small gate graphs are built here and kept for backward (retained, so a
@@ -171,7 +171,7 @@ class _FusedGate(torch.autograd.Function):
                 ctx.cs_graph, [ctx.pooled_c, *ch_params], dcs, allow_unused=True, retain_graph=True)
             davg, dmax = (dpooled_c[:B], dpooled_c[B:]) if ctx.use_max else (dpooled_c, None)
         dx = k.input_grad(dy, cs, ss, davg, dmax, cidx, dpooled_s, sidx)
-        return (dx, None, None, None, None, None, None, *d_params_c, *d_params_s)
+        return (dx, None, None, None, None, None, None, None, *d_params_c, *d_params_s)
 
 
 def _trainable(fn, extra: Sequence[torch.Tensor] = ()) -> list:
@@ -197,8 +197,8 @@ def _gate(op, x, channel_fn, use_max, spatial_fn, backend, channel_params=(), sp
             return _reference(op, x, channel_fn, use_max, spatial_fn, prims=chosen.impl)
         if not torch.is_grad_enabled() or not (x.requires_grad or ch or sp):
             with torch.no_grad():
-                return _FusedGate.forward(_NoCtx(), x, chosen.impl, op, channel_fn, use_max, spatial_fn, len(ch))
-        return _FusedGate.apply(x, chosen.impl, op, channel_fn, use_max, spatial_fn, len(ch), *ch, *sp)
+                return _FusedGate.apply(x, chosen.impl, op, channel_fn, use_max, spatial_fn, len(ch), False)
+        return _FusedGate.apply(x, chosen.impl, op, channel_fn, use_max, spatial_fn, len(ch), True, *ch, *sp)
 
 
 
