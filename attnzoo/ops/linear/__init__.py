@@ -117,5 +117,22 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: Ro
 def magnitude_aware_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: Rope = None, *,
                                      scale: Optional[float] = None, eps: float = DEFAULT_EPS,
                                      backend: Optional[str] = None) -> torch.Tensor:
-    """MALA: ``linear_attention(..., magnitude_aware=True)``."""
+    """Magnitude-aware linear attention (MALA, Fan et al., ICCV 2025) of ``[B, heads, N, D]`` features.
+
+    ``out = (1 + 1/(z + eps)) * rope(q) @ kv - z * mean(v)`` with ``z = scale * q . mean(k)`` (before
+    RoPE) and ``kv = (scale / N) * rope(k)^T v``: unlike ``q kv / z``, the output keeps the query's
+    magnitude, which plain linear attention normalises away. Cost ``O(N D^2)``.
+
+    Args:
+        q, k: non-negative query / key features (``phi`` already applied, MALA's ``elu + 1``),
+            ``[B, heads, N, D]``, any strides.
+        v: values, same shape.
+        rope: ``(cos, sin)``, each ``[N, D/2]`` (``attnzoo.layers.mala.rope_tables``), or None;
+            turns channel pairs ``(2i, 2i+1)`` of q and k for the numerator only (the official order).
+        scale: default ``D ** -0.5``. eps: MALA's ``1e-6``, must be > 0.
+        backend: ``"reference" | "cpu" | "triton"``; default: the best that can run.
+
+    Returns ``[B, heads, N, D]`` in q's dtype (half inputs accumulate in fp32). Equal to
+    ``linear_attention(q, k, v, rope, magnitude_aware=True, ...)``.
+    """
     return linear_attention(q, k, v, rope, magnitude_aware=True, scale=scale, eps=eps, backend=backend)
