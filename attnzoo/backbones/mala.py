@@ -26,13 +26,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from timm.layers import ClassifierHead, DropPath
-from timm.models import build_model_with_cfg, generate_default_cfgs
+from timm.layers import calculate_drop_path_rates, ClassifierHead, DropPath
+from timm.models import generate_default_cfgs
 
 from .._registry import register_model
 from ..layers.mala import MagnitudeAwareLinearAttention, RopeSoftmaxAttention, RotaryEmbedding2d
 from ._helpers import (
     ClassifierHeadMixin, StagedFeaturesMixin, cfg, init_linear_layernorm, remap_keys, unwrap_state_dict)
+from ._pretrained import build_model
 
 __all__ = ["MAViT"]
 
@@ -197,13 +198,13 @@ class MAViT(ClassifierHeadMixin, StagedFeaturesMixin, nn.Module):
         self.grad_checkpointing = False
         self.num_features = self.head_hidden_size = projection
         self.patch_embed = PatchEmbed(in_chans, embed_dims[0])
-        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, sum(depths), device="cpu")]
+        dpr = calculate_drop_path_rates(drop_path_rate, depths, stagewise=True)  # per stage, linear over blocks
         self.layers = nn.ModuleList()
         self.feature_info = []
         for i in range(n):
             self.layers.append(MalaStage(
                 embed_dims[i], embed_dims[i + 1] if i < n - 1 else None, depths[i], num_heads[i], mlp_ratio,
-                attn_layers[i], dpr[sum(depths[:i]):sum(depths[:i + 1])], layer_scales[i]))
+                attn_layers[i], dpr[i], layer_scales[i]))
             self.feature_info.append(dict(num_chs=embed_dims[i], reduction=4 * 2 ** i, module=f"layers.{i}"))
         self.proj = nn.Conv2d(embed_dims[-1], projection, 1)
         self.norm = nn.BatchNorm2d(projection)
@@ -248,24 +249,29 @@ def checkpoint_filter_fn(state_dict, model=None):
 
 
 def _create_mala(variant, pretrained=False, **kwargs):
-    return build_model_with_cfg(
+    return build_model(
         MAViT, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3)), **kwargs)
 
 
 def _cfg(**kwargs):
-    # the official main.py: timm's defaults (bicubic, crop 0.875); checkpoints on Google Drive, no URL here
+    # official eval (datasets.py): resize 256 bicubic, centre crop 224
     return cfg(**dict(dict(
         first_conv="patch_embed.proj.0", classifier="head.fc", interpolation="bicubic", license="unknown",
         paper_ids="arXiv:2507.00698", paper_name="Rectifying Magnitude Neglect in Linear Attention",
         origin_url="https://github.com/qhfan/MALA"), **kwargs))
 
 
+# the README links only the Hugging Face repo's file listing, not the files
+_NOTES = ("No direct link: the official README points to https://huggingface.co/aldjalkdf/MAViT/tree/main "
+          "without file names. Download the file there, then convert it (tools/convert_checkpoint.py) or pass "
+          "pretrained_cfg_overlay=dict(hf_hub_id='aldjalkdf/MAViT', hf_hub_filename=<file>).",)
+
 default_cfgs = generate_default_cfgs({
-    "mala_tiny.official_in1k": _cfg(),
-    "mala_small.official_in1k": _cfg(),
-    "mala_base.official_in1k": _cfg(),
-    "mala_large.official_in1k": _cfg(),
+    "mala_tiny.in1k": _cfg(notes=_NOTES),
+    "mala_small.in1k": _cfg(notes=_NOTES),
+    "mala_base.in1k": _cfg(notes=_NOTES),
+    "mala_large.in1k": _cfg(notes=_NOTES),
     "test_mala.untrained": _cfg(input_size=(3, 64, 64), pool_size=(2, 2)),
 })
 

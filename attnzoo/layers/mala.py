@@ -29,7 +29,9 @@ class RotaryEmbedding2d(nn.Module):
     column index; ``angle`` (``head_dim / 2`` values, each frequency ``10000^-t``,
     ``t in linspace(0, 1, head_dim / 4)``, repeated for the two channels of a pair) is a
     persistent buffer, as in the official state_dict. ``forward(H, W)`` returns the
-    ``(cos, sin)`` tables ``[H * W, head_dim / 2]`` of ``attnzoo.ops.linear`` for any map size.
+    ``(cos, sin)`` tables ``[H * W, head_dim / 2]`` of ``attnzoo.ops.linear`` for any map size,
+    in the buffer's dtype (so the model's: ``.double()`` gives float64 tables), at least float32
+    (a half phase ``row * angle`` is rounded by ~0.03 rad at row 56; the op upcasts anyway).
     """
 
     def __init__(self, dim: int, num_heads: int):
@@ -42,7 +44,7 @@ class RotaryEmbedding2d(nn.Module):
         self.register_buffer("angle", angle.repeat_interleave(2))
 
     def forward(self, height: int, width: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        angle = self.angle.float()
+        angle = self.angle.to(torch.promote_types(self.angle.dtype, torch.float32))
         rows = torch.arange(height, device=angle.device, dtype=angle.dtype)
         cols = torch.arange(width, device=angle.device, dtype=angle.dtype)
         # phase of every channel, [H, W, head_dim]; channels 2i and 2i+1 share theirs

@@ -164,6 +164,11 @@ def test_rope_tables_are_the_official_ones():
         torch.testing.assert_close(cos, full.cos()[:, 0::2])
         torch.testing.assert_close(sin, full.sin()[:, 0::2])
         torch.testing.assert_close(full[:, 0::2], full[:, 1::2])  # pairs share their angle: a true rotation
+    # the tables follow the model's dtype, at least float32; the buffer stays in the state_dict
+    for dtype, expected in ((torch.float64, torch.float64), (torch.float32, torch.float32),
+                            (torch.bfloat16, torch.float32), (torch.float16, torch.float32)):
+        assert {t.dtype for t in rope.to(dtype)(3, 4)} == {expected}, dtype
+    assert list(rope.state_dict()) == ["angle"]
 
 
 # ----------------------------------------------------------------------------------------
@@ -269,17 +274,25 @@ def _random_official(shapes, seed):
 TEST_CFG = dict(embed_dims=(16, 32, 32, 64), depths=(1, 2, 2, 1), num_heads=(1, 2, 2, 4), projection=48)
 
 
-@pytest.mark.parametrize("flags,size", [("llvv", (64, 64)), ("llvv", (67, 45)), ("llll", (64, 96)),
-                                        ("vlvl", (40, 72))])
-def test_forward_matches_official_oracle(flags, size):
+# float64 as tight as the other families: the RoPE tables follow the model's dtype
+ORACLE_TOL = {torch.float32: 1e-5, torch.float64: 1e-13}
+
+
+@pytest.mark.parametrize("flags,size,dtype", [
+    ("llvv", (64, 64), torch.float32), ("llvv", (67, 45), torch.float32), ("llll", (64, 96), torch.float32),
+    ("vlvl", (40, 72), torch.float32), ("llvv", (67, 45), torch.float64), ("llll", (40, 72), torch.float64)],
+    ids=str)
+def test_forward_matches_official_oracle(flags, size, dtype):
     kinds = {"l": MagnitudeAwareLinearAttention, "v": RopeSoftmaxAttention}
     e, depths, heads, proj = TEST_CFG["embed_dims"], TEST_CFG["depths"], TEST_CFG["num_heads"], TEST_CFG["projection"]
     shapes = _official_shapes(e, depths, heads, proj, num_classes=10)
     sd = _random_official(shapes, seed=len(flags) + size[0])
+    sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
     model = timm.create_model("test_mala", num_classes=10, mlp_ratio=MLP_RATIO, layer_scales=(1.0,) * 4,
-                              attn_layers=tuple(kinds[f] for f in flags), **TEST_CFG).eval()
+                              attn_layers=tuple(kinds[f] for f in flags), **TEST_CFG).to(dtype).eval()
     model.load_state_dict(convert_state_dict(sd, model, "mala"), strict=True)
-    x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    tol = ORACLE_TOL[dtype]
     with torch.no_grad():
         expected, feats = _official_forward(sd, x, depths, heads, flags)
         for backend in ("reference", "cpu"):
@@ -288,10 +301,11 @@ def test_forward_matches_official_oracle(flags, size):
                     blk.attn.backend = backend
             got = model(x)
             got_feats = model.forward_intermediates(x, intermediates_only=True)
-            assert (got - expected).abs().max() <= 1e-5 * expected.abs().max(), backend
+            assert (got - expected).abs().max() <= tol * expected.abs().max(), backend
             # the stage maps carry the image (pooled logits of a random net barely do)
             for i, (a, b) in enumerate(zip(got_feats, feats)):
-                assert a.shape == b.shape and (a - b).abs().max() <= 1e-5 * b.abs().max(), (backend, i)
+                assert a.dtype == dtype and a.shape == b.shape, (backend, i)
+                assert (a - b).abs().max() <= tol * b.abs().max(), (backend, i)
                 assert (b[0] - b[1]).abs().max() > 0.1 * b.abs().max()
 
 

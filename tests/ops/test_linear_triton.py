@@ -4,6 +4,9 @@ RoPE, every dtype, odd sizes, padded D, several chunks per head, strided inputs.
 
 Where the kernels run (in process, or a child pytest under the interpreter): ``_triton_harness.py``.
 For fast iteration on this file alone: ``TRITON_INTERPRET=1 pytest tests/ops/test_linear_triton.py``.
+The Hypothesis properties of the cpu suite (``test_linear_props.py``: every layout, the RoPE
+tables' included, dtype, N = 1, odd D, partial gradients, autocast) run here too on short
+sequences (more: ``TRITON_INTERPRET=1 pytest -m slow`` on this file).
 """
 import importlib
 import importlib.util
@@ -12,7 +15,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _linear_cases import compare, gen, inputs, rope_tables
+from _property import settings_for, sizes
 from _triton_harness import kernel_module, poison_empty
+from hypothesis import given
+from hypothesis import strategies as st
+from test_linear_props import cases, check, check_autocast_changes_nothing
 
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
@@ -134,3 +141,32 @@ def test_autocast_changes_nothing():
         res.append((y, *grads))
     for a, b in zip(*res):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------- properties (Hypothesis)
+# The cpu suite's properties on sequences of at most 40 tokens and D <= 8, as the interpreter
+# is slow; uninitialised buffers are NaN (the autouse fixture above). 16-token blocks and few
+# programs, so that those 40 tokens span several blocks and summary chunks.
+
+@kernel_test
+@pytest.mark.parametrize("n", sizes(40, 600))
+def test_triton_properties(n, monkeypatch):
+    monkeypatch.setattr(tri, "_BLOCK_N", 16)
+    monkeypatch.setattr(tri, "_TARGET_PROGRAMS", 4)
+
+    @settings_for(n)
+    @given(case=cases(max_n=40))
+    def prop(case):
+        check(case, "triton", device=DEVICE)
+    prop()
+
+
+@kernel_test
+@pytest.mark.parametrize("n", sizes(8, 100))
+def test_triton_autocast_bf16(n):
+    @settings_for(n)
+    @given(case=cases(max_n=40, autocast=True), dtype=st.sampled_from([F32, BF16]))
+    def prop(case, dtype):
+        check(case, "triton", device=DEVICE, autocast=torch.bfloat16)
+        check_autocast_changes_nothing(case, "triton", dtype, device=DEVICE)
+    prop()

@@ -5,7 +5,9 @@ the dK / dV kernel walks.
 
 Where the kernels run (in process, or a child pytest under the interpreter): ``_triton_harness.py``.
 For fast iteration on this file alone: ``TRITON_INTERPRET=1 pytest tests/ops/test_routing_triton.py``.
-``ATTNZOO_SLOW=1`` adds a seeded random sweep.
+``ATTNZOO_SLOW=1`` adds a seeded random sweep. The Hypothesis properties of the cpu suite
+(``test_routing_props.py``: every layout, dtype, degenerate geometry, partial gradients,
+autocast) run here too on tiny maps (more: ``TRITON_INTERPRET=1 pytest -m slow`` on this file).
 """
 import importlib
 import importlib.util
@@ -15,7 +17,11 @@ import zlib
 
 import pytest
 import torch
+from _property import settings_for, sizes
 from _triton_harness import kernel_module, poison_empty
+from hypothesis import given
+from hypothesis import strategies as st
+from test_routing_props import cases, check, check_autocast_changes_nothing
 
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
@@ -109,3 +115,32 @@ def test_inverse_routing():
     assert off.tolist() == [0, 2, 5, 6, 7, 9, 12]
     # batch 0: key region 0 <- queries 0, 2; region 1 <- 0, 1, 2; region 2 <- 1; batch 1 likewise
     assert qreg.tolist() == [0, 2, 0, 1, 2, 1, 1, 0, 2, 0, 1, 2]
+
+
+# --------------------------------------------------------------------------- properties (Hypothesis)
+# The cpu suite's properties on grids of at most 3 x 3 regions of at most 2 x 2 tokens, at most
+# 2 heads, as the interpreter is slow; uninitialised buffers are NaN (``poison_empty``).
+
+@kernel_test
+@pytest.mark.parametrize("n", sizes(25, 500))
+def test_triton_properties(n, monkeypatch):
+    poison_empty(monkeypatch, tri)
+
+    @settings_for(n)
+    @given(case=cases(max_grid=3, max_region=2, max_heads=2))
+    def prop(case):
+        check(case, "triton", device=DEVICE)
+    prop()
+
+
+@kernel_test
+@pytest.mark.parametrize("n", sizes(6, 100))
+def test_triton_autocast_bf16(n, monkeypatch):
+    poison_empty(monkeypatch, tri)
+
+    @settings_for(n)
+    @given(case=cases(max_grid=3, max_region=2, max_heads=2, autocast=True), dtype=st.sampled_from([F32, BF16]))
+    def prop(case, dtype):
+        check(case, "triton", device=DEVICE, autocast=torch.bfloat16)
+        check_autocast_changes_nothing(case, "triton", dtype, device=DEVICE)
+    prop()

@@ -24,7 +24,6 @@ Backends (``backend=`` or ``$ATTNZOO_BACKEND``; default: the best that can run):
 ``rotate_pairs(x, cos, sin)`` is the same RoPE on its own (plain torch), for callers that
 need it outside the op (MAViT's softmax stages).
 """
-import contextlib
 from typing import Optional, Tuple
 
 import torch
@@ -41,13 +40,6 @@ BACKENDS = _dispatch.standard_backends(reference, cpu, __name__ + ".triton")
 DEFAULT_EPS = 1e-6
 
 Rope = Optional[Tuple[torch.Tensor, torch.Tensor]]
-
-
-def no_autocast(device_type: str):
-    """Autocast off for ``device_type`` (a no-op where autocast does not exist, e.g. meta)."""
-    if torch.amp.is_autocast_available(device_type):
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
 
 
 def _validate(op: str, q, k, v, rope: Rope, scale, eps):
@@ -110,7 +102,7 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: Ro
     chosen = _dispatch.choose_backend("linear_attention", BACKENDS, tensors, backend)
     # the op sets its own precision (fp32 accumulation for half inputs): autocast would
     # round its matmuls to bf16 / fp16, and the backends' backward reads what forward saved
-    with no_autocast(q.device.type):
+    with _dispatch.no_autocast(q.device.type):
         return chosen.impl.linear_attention(q, k, v, cos, sin, scale, eps, bool(magnitude_aware))
 
 

@@ -97,7 +97,9 @@ def _backward(g, q, v, qa, kr, kv, z, km, vm, cis, scale, eps, magnitude_aware, 
     inv = None if cis is None else cis.conj().resolve_conj()
     g = g.contiguous()
     gk = g @ kv.transpose(-2, -1)  # dL/d(q_rot @ kv), before the per-row factor a; becomes dq
-    buf = torch.mul(qa, gk)  # becomes dk
+    # becomes dk, written below through ``out=_flat(dk)`` and turned in place: it must be
+    # contiguous (a product would take qa's layout, that is q's, and the reshape would copy)
+    buf = torch.mul(qa, gk, out=torch.empty_like(gk, memory_format=torch.contiguous_format))
     dz = buf.sum(dim=-1, keepdim=True).div_(a).mul_(dadz)  # rope(q) . gk = (a rope(q)) . gk / a
     if magnitude_aware:
         dz.sub_(_rowdot(g, vm))

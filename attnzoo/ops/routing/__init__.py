@@ -24,6 +24,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 
 from .. import _dispatch
+from .._dispatch import no_autocast
 from . import cpu, reference
 
 __all__ = ["bra", "BACKENDS"]
@@ -82,10 +83,15 @@ def bra(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_regions: Union[in
         backend: ``"reference" | "cpu" | "triton"``; default: the best that can run.
         return_index: also return the routing ``[B, nh * nw, topk]`` (row-major region ids).
 
-    Returns ``[B, H, W, heads, D]`` in q's dtype, and the routing index if asked.
+    Returns ``[B, H, W, heads, D]`` in q's dtype, and the routing index if asked. Half inputs
+    are accumulated in fp32; autocast is off inside the op (as ``attnzoo.ops.linear``), so
+    under ``torch.autocast`` the routing and the attention run in the inputs' dtype.
     """
     nr, topk, scale = _validate(q, k, v, num_regions, topk, scale)
-    idx = reference.route(q, k, nr, topk)
     chosen = _dispatch.choose_backend("bra", BACKENDS, [q, k, v], backend)
-    out = chosen.impl.bra(q, k, v, idx, nr, scale)
+    # autocast would round the routing matmul (and the reference's einsums) to bf16 / fp16 and
+    # change which regions are chosen; the backends' own backward disables it likewise
+    with no_autocast(q.device.type):
+        idx = reference.route(q, k, nr, topk)
+        out = chosen.impl.bra(q, k, v, idx, nr, scale)
     return (out, idx) if return_index else out

@@ -19,8 +19,8 @@ real token, the op is plain attention over the unpadded map (one fused call).
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
+from .._dispatch import no_autocast
 from .reference import geometry, token_index
 
 Tensor = torch.Tensor
@@ -79,7 +79,9 @@ class _BraFunction(torch.autograd.Function):
         q_tok, k_tok, k_valid, q_valid, slot = _plan(B, H, W, idx, num_regions)
         R, n = q_tok.shape
         qm, km, vm = (t.reshape(B * H * W, heads, D) for t in (q, k, v))
-        q_rm = qm[q_tok.reshape(-1)].view(R, n, heads, D).transpose(1, 2)  # [R, heads, n, D]
+        # index_select, not qm[...]: advanced indexing keeps the source's stride order, and the
+        # aten flash kernel (unlike the public SDPA) reads D as unit-stride without checking
+        q_rm = qm.index_select(0, q_tok.reshape(-1)).view(R, n, heads, D).transpose(1, 2)  # [R, heads, n, D]
         out_rm = q.new_empty(R, heads, n, D)
         lse = q.new_empty(R, heads, n, dtype=torch.float32 if q.dtype in (torch.half, torch.bfloat16) else q.dtype)
         c = _chunk(R, idx.shape[-1], n * heads * D)
@@ -97,13 +99,20 @@ class _BraFunction(torch.autograd.Function):
         return out_rm.transpose(1, 2).reshape(R * n, heads, D)[slot].view(B, H, W, heads, D)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dout: Tensor):
+        with no_autocast(dout.device.type):  # as the forward (see ``bra`` in ``__init__``)
+            return _BraFunction._backward(ctx, dout)
+
+    @staticmethod
+    def _backward(ctx, dout: Tensor):
         q_rm, k, v, out_rm, lse, q_tok, k_tok, slot, *masks = ctx.saved_tensors
         k_valid, q_valid = masks if masks else (None, None)
         B, H, W, heads, D = ctx.shape
         R, n = q_tok.shape
         km, vm = k.reshape(B * H * W, heads, D), v.reshape(B * H * W, heads, D)
-        do_rm = dout.reshape(B * H * W, heads, D)[q_tok.reshape(-1)].view(R, n, heads, D)
+        # index_select: a contiguous copy whatever dout's strides (see forward)
+        do_rm = dout.reshape(B * H * W, heads, D).index_select(0, q_tok.reshape(-1)).view(R, n, heads, D)
         if q_valid is not None:  # padded queries point at a real token: their gradient is not theirs
             do_rm = do_rm * q_valid[:, :, None, None]
         do_rm = do_rm.transpose(1, 2)
@@ -125,13 +134,40 @@ class _BraFunction(torch.autograd.Function):
         return dq, dk.view(B, H, W, heads, D), dv.view(B, H, W, heads, D), None, None, None
 
 
+def _heads(t: Tensor) -> Tensor:
+    """``[B, H, W, heads, D]`` -> ``[B, heads, H*W, D]`` with unit-stride D (what the flash kernel reads)."""
+    B, H, W, heads, D = t.shape
+    t = t.reshape(B, H * W, heads, D).transpose(1, 2)
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+class _DenseFunction(torch.autograd.Function):
+    """Attention over the whole unpadded map: the fused flash kernel both ways. Its own Function
+    (not ``F.scaled_dot_product_attention``) so its backward runs with autocast off, and a q whose
+    D is not unit-stride is not sent to SDPA's unfused math fallback."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, scale: float):
+        qh, kh, vh = _heads(q), _heads(k), _heads(v)
+        out, lse = _flash(qh, kh, vh, scale=scale)
+        ctx.save_for_backward(qh, kh, vh, out, lse)
+        ctx.scale, ctx.shape = scale, q.shape
+        return out.transpose(1, 2).reshape(q.shape)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout: Tensor):
+        qh, kh, vh, out, lse = ctx.saved_tensors
+        with no_autocast(dout.device.type):
+            grads = _flash_bwd(_heads(dout), qh, kh, vh, out, lse, 0.0, False, scale=ctx.scale)
+        return (*(g.transpose(1, 2).reshape(ctx.shape) for g in grads), None)
+
+
 def bra(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, num_regions: Tuple[int, int], scale: float) -> Tensor:
     B, H, W, heads, D = q.shape
     h, w = geometry(H, W, num_regions)
     if idx.shape[-1] >= -(-H // h) * -(-W // w):
         # every region with a real token is selected (they outrank all-padding ones): dense
         # attention over the unpadded map, whose key order does not matter
-        out = F.scaled_dot_product_attention(*(t.reshape(B, H * W, heads, D).transpose(1, 2) for t in (q, k, v)),
-                                             scale=scale)
-        return out.transpose(1, 2).reshape(B, H, W, heads, D)
+        return _DenseFunction.apply(q, k, v, scale)
     return _BraFunction.apply(q, k, v, idx, tuple(num_regions), scale)

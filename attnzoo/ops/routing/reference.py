@@ -74,9 +74,12 @@ def route(q: Tensor, k: Tensor, num_regions: Tuple[int, int], topk: int) -> Tens
     if topk >= nR:
         return torch.arange(nR, device=q.device).expand(B, nR, nR)
     _, valid = token_index(B, H, W, num_regions, q.device)
-    count = valid.sum(-1).to(q.dtype)  # [nR]
-    q_r = regionize(q, num_regions).flatten(3).sum(2) / count.clamp(min=1)[:, None]  # padding is zero
-    k_r = regionize(k, num_regions).flatten(3).sum(2) / count.clamp(min=1)[:, None]
+    # fp32 sums for half inputs: bf16 region means would reorder near-equal affinities
+    compute = torch.promote_types(q.dtype, torch.float32)
+    count = valid.sum(-1)  # [nR]
+    size = count.to(compute).clamp(min=1)[:, None]
+    q_r = regionize(q, num_regions).flatten(3).sum(2, dtype=compute) / size  # padding is zero
+    k_r = regionize(k, num_regions).flatten(3).sum(2, dtype=compute) / size
     affinity = (q_r @ k_r.transpose(-1, -2)).masked_fill(count == 0, float("-inf"))  # [B, nR, nR]
     return torch.topk(affinity, topk, dim=-1).indices
 

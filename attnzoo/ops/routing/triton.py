@@ -40,6 +40,7 @@ import triton.language as tl
 
 from .._triton_common import acc_dtype as _acc_dtype, dot as _dot, precision as _precision
 from .._triton_common import unit_last as _unit_last, upcast as _upcast
+from .._dispatch import no_autocast
 from .reference import geometry
 
 __all__ = ["bra", "forward", "backward"]
@@ -213,11 +214,14 @@ def _common(q: torch.Tensor, num_regions: Tuple[int, int]):
     rh, rw = geometry(H, W, num_regions)
     n = rh * rw
     block = max(16, min(_BLOCK, triton.next_power_of_2(n)))
+    warps = 4
     if q.dtype == torch.float64:  # the FMA path of tl.dot stages more shared memory
         block = min(block, 32)
+    elif q.dtype == torch.float32:  # FMA dots unless TF32: 64-token blocks spilled on sm_80 and sm_90
+        block, warps = min(block, 32), 8  # (tools/gpu_readiness.py)
     acc, acc_torch = _acc_dtype(q.dtype)
     meta = dict(BLOCK_M=block, BLOCK_N=block, BLOCK_D=max(16, triton.next_power_of_2(D)), ACC=acc,
-                PREC=_precision(q.dtype), UPCAST=_upcast(q.dtype))
+                PREC=_precision(q.dtype), UPCAST=_upcast(q.dtype), num_warps=warps)
     geo = (H, W, NH, D, num_regions[1], rh, rw, n)
     return geo, -(-n // block), acc_torch, meta
 
@@ -272,7 +276,9 @@ def backward(do, q, k, v, out, lse, idx, num_regions, scale):
         *strides, **meta)
     off, qreg = _inverse_routing(idx)
     _bwd_dkv_kernel[(nR * ntiles, B * NH)](
-        q, k, v, do, lse, delta, dk, dv, off, qreg, scale_t, *geo, ntiles, nR, *strides, **meta)
+        q, k, v, do, lse, delta, dk, dv, off, qreg, scale_t, *geo, ntiles, nR, *strides,
+        # queries 32 at a time, 2 stages: its [keys, queries] softmax terms spilled on sm_80 at 64 / 3
+        **dict(meta, BLOCK_M=min(meta["BLOCK_M"], 32), num_stages=2))
     return dq, dk, dv
 
 
@@ -290,7 +296,8 @@ class _BRA(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, do):
         q, k, v, out, lse, idx = ctx.saved_tensors
-        dq, dk, dv = backward(do, q, k, v, out, lse, idx, *ctx.geometry)
+        with no_autocast(do.device.type):  # as the forward (see ``bra`` in ``__init__``)
+            dq, dk, dv = backward(do, q, k, v, out, lse, idx, *ctx.geometry)
         need = ctx.needs_input_grad
         return dq if need[0] else None, dk if need[1] else None, dv if need[2] else None, None, None, None
 
