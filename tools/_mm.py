@@ -35,6 +35,12 @@ def load_config(args) -> Config:
     cfg = Config.fromfile(args.config)
     cfg.launcher = args.launcher
     cfg.merge_from_dict(args.cfg_options)
+    vis = cfg.get("visualizer")
+    if isinstance(vis, dict) and vis.get("name") == "visualizer":
+        # mmengine keeps one visualizer per name for the process: a fixed name makes a second run in
+        # the same process (tests, notebooks) log into the first run's folder. Its default is the
+        # run's unique experiment name.
+        vis.pop("name")
     if args.work_dir:
         cfg.work_dir = args.work_dir
     elif cfg.get("work_dir") is None:
