@@ -24,8 +24,14 @@ import triton.language as tl
 from .. import _dispatch
 from .._triton_common import acc_dtype as _acc_dtype, upcast as _upcast
 
-_BLOCK_N = 64  # queries per program in stage 2
-_BLOCK_M = 64  # keys per step (stage 1 forward) / per program (stage 1 backward)
+# Rows per block and warps from the sm_80 / sm_90 compile matrix (tools/gpu_readiness.py): the
+# [A, rows] softmax terms and the [A, D] agent tiles are live together, and 64-row blocks on 4 warps
+# spilled registers in every kernel. Still spilling: the half-precision stage 2 and stage 1
+# backward at A = 64, D = 64 (Agent-PVT), which need the agents split across programs.
+_BLOCK_N = 32  # queries per program in stage 2 (_WARPS)
+_BLOCK_M = 32  # keys per program in the stage 1 backward (_WARPS)
+_BLOCK_M_FWD = 16  # keys per step in the stage 1 forward (4 warps)
+_WARPS = 8
 _MAX_AGENTS = 256
 _MAX_D = 256
 
@@ -202,10 +208,12 @@ class _AgentAttention(torch.autograd.Function):
         lse = torch.empty(B * H, A, device=q.device, dtype=acc)
         out = torch.empty_like(q)
         _stage1_fwd[(B * H,)](a, k, v, b1, va, lse, scale, H, M, A, D, HAS_B1=agent_bias is not None,
-                              BLOCK_A=BA, BLOCK_M=_BLOCK_M, BLOCK_D=BD, ACC=_acc_dtype(q.dtype)[0], UPCAST=_upcast(q.dtype))
+                              BLOCK_A=BA, BLOCK_M=_BLOCK_M_FWD, BLOCK_D=BD, ACC=_acc_dtype(q.dtype)[0],
+                              UPCAST=_upcast(q.dtype))
         _stage2_fwd[(B * H, triton.cdiv(N, _BLOCK_N))](q, a, va, b2, out, scale, H, N, A, D,
                                                        HAS_B2=query_bias is not None, BLOCK_A=BA,
-                                                       BLOCK_N=_BLOCK_N, BLOCK_D=BD, ACC=_acc_dtype(q.dtype)[0], UPCAST=_upcast(q.dtype))
+                                                       BLOCK_N=_BLOCK_N, BLOCK_D=BD, ACC=_acc_dtype(q.dtype)[0],
+                                                       UPCAST=_upcast(q.dtype), num_warps=_WARPS)
         ctx.save_for_backward(q, k, v, a, b1, b2, va, lse)
         ctx.scale = scale
         ctx.has_bias = (agent_bias is not None, query_bias is not None)
@@ -236,10 +244,12 @@ class _AgentAttention(torch.autograd.Function):
         db2 = torch.zeros(H, N, A, device=q.device, dtype=acc) if need_b2 else da
         _stage2_bwd[(B * H, triton.cdiv(N, _BLOCK_N))](
             q, a, va, b2, dout, dq, da, dva, db2, ctx.scale, H, N, A, D, HAS_B2=ctx.has_bias[1], NEED_B2=need_b2,
-            BLOCK_A=BA, BLOCK_N=_BLOCK_N, BLOCK_D=BD, ACC=_acc_dtype(q.dtype)[0], UPCAST=_upcast(q.dtype))
+            BLOCK_A=BA, BLOCK_N=_BLOCK_N, BLOCK_D=BD, ACC=_acc_dtype(q.dtype)[0], UPCAST=_upcast(q.dtype),
+            num_warps=_WARPS)
         _stage1_bwd[(B * H, triton.cdiv(M, _BLOCK_M))](
             a, k, v, b1, va, lse, dva, dk, dv, da, db1, ctx.scale, H, M, A, D, HAS_B1=ctx.has_bias[0],
-            NEED_B1=need_b1, BLOCK_A=BA, BLOCK_M=_BLOCK_M, BLOCK_D=BD, ACC=_acc_dtype(q.dtype)[0], UPCAST=_upcast(q.dtype))
+            NEED_B1=need_b1, BLOCK_A=BA, BLOCK_M=_BLOCK_M, BLOCK_D=BD, ACC=_acc_dtype(q.dtype)[0], UPCAST=_upcast(q.dtype),
+            num_warps=_WARPS)
         da = da.view(B, H, A, D).to(q.dtype)
         return (dq, dk, dv, da, db1.to(b1.dtype) if need_b1 else None, db2.to(b2.dtype) if need_b2 else None,
                 None)

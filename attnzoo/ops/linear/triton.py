@@ -43,7 +43,7 @@ from .._triton_common import acc_dtype as _acc_dtype
 
 __all__ = ["linear_attention", "forward", "backward"]
 
-_BLOCK_N = 64  # tokens per block
+_BLOCK_N = 16  # tokens per block (see _num_warps)
 _TARGET_PROGRAMS = 512  # summary kernels: split N into chunks until about this many programs
 
 
@@ -274,6 +274,15 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
+def _num_warps(block_d: int) -> int:
+    """Every product is an fp32 FMA loop and the [BD, BD] summaries live in registers: 64-token
+    blocks on 4 warps spilled kilobytes in all four kernels on sm_80 and sm_90
+    (tools/gpu_readiness.py); 16 tokens on 8 warps do not at BD = 64 (bar 4 bytes in
+    _bwd_rows_kernel on sm_90). At BD = 128 (D = 96) 16 warps still leave _out_kernel and
+    _bwd_rows_kernel spilling: that needs the summaries split by column blocks."""
+    return 8 if block_d <= 64 else 16
+
+
 def _geometry(q: torch.Tensor):
     B, NH, N, D = q.shape
     block_d = max(16, triton.next_power_of_2(D))
@@ -305,7 +314,8 @@ def forward(q, k, v, cos, sin, scale, eps, magnitude_aware) -> Tuple[torch.Tenso
     kv = torch.empty((B * NH, nchunks, bd, bd), dtype=acc_torch, device=dev)
     ks = torch.empty((B * NH, nchunks, bd), dtype=acc_torch, device=dev)
     vs = torch.empty((B * NH, nchunks, bd), dtype=acc_torch, device=dev)
-    meta = dict(HAS_ROPE=cos is not None, BLOCK_N=_BLOCK_N, BLOCK_D=bd, ACC=acc, PREC=_precision(q.dtype))
+    meta = dict(HAS_ROPE=cos is not None, BLOCK_N=_BLOCK_N, BLOCK_D=bd, ACC=acc, PREC=_precision(q.dtype),
+                num_warps=_num_warps(bd))
     _summary_kernel[(B * NH, nchunks)](k, v, cos, sin, kv, ks, vs, N, D, NH, chunk, *k.stride(), *v.stride(), **meta)
     kv = kv.sum(1).mul_(scale / N)
     km, vm = ks.sum(1).div_(N), vs.sum(1).div_(N)
@@ -323,6 +333,7 @@ def backward(g, q, k, v, cos, sin, stats, scale, eps, magnitude_aware, need_q=Tr
     kv, km, vm = stats
     dev = q.device
     meta = dict(HAS_ROPE=cos is not None, MAGNITUDE=magnitude_aware, BLOCK_N=_BLOCK_N, BLOCK_D=bd, ACC=acc,
+                num_warps=_num_warps(bd),
                 PREC=_precision(q.dtype))
     consts = _consts(scale, eps, acc_torch, dev)
     dkv = dks = zg = None

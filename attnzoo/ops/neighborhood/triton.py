@@ -81,7 +81,8 @@ __all__ = ["na2d", "forward", "backward"]
 # Tile / chunk sizes (powers of two, >= 16 elements so every tl.dot has legal shapes).
 _BLOCK_Q = 64  # queries (or keys, in the dK / dV kernel) per tile
 _MAX_TILE_W = 8  # tile width cap; the rest of _BLOCK_Q goes to the height
-_BLOCK_K = 64  # halo keys per chunk (forward, dQ); queries per chunk in dK / dV
+_BLOCK_K = 64  # halo keys per chunk (forward, dQ)
+_BLOCK_DKV = 32  # cap on the queries per chunk in dK / dV (see _block_sizes)
 _RPB_SLOTS = 16  # copies of the rpb gradient the atomics are spread over
 
 
@@ -454,16 +455,22 @@ def _rpb_args(rpb: Optional[torch.Tensor]):
     return rpb, rpb.stride()
 
 
-def _block_sizes(dtype: torch.dtype, block_d: int) -> Tuple[int, int]:
-    """(queries per tile, keys per chunk). 4- and 8-byte dtypes take the FMA path of ``tl.dot``,
-    whose operand staging needs more shared memory: smaller blocks keep the backward kernels
-    under sm_90's 227 KiB at D = 128 (sizes checked by compiling for sm_90)."""
-    bq, bk = _BLOCK_Q, _BLOCK_K
+def _block_sizes(dtype: torch.dtype, block_d: int, rel: bool = False) -> Tuple[int, int, int, int]:
+    """(queries per tile, keys per chunk, cap on queries per dK / dV chunk, num_warps).
+
+    Chosen with ``tools/gpu_readiness.py`` (sm_80 / sm_90 cubins at the paper models' shapes).
+    The masks, rpb / rel offsets and softmax terms of a ``[tile, chunk]`` block are all live at
+    once, so register pressure, not the matmuls, sets the sizes. On 4 warps every kernel spilled
+    somewhere: fp16 / bf16 keep 64 x 64 tiles on 8 warps, with dK / dV's queries chunked by 32;
+    fp32, whose dots are FMA loops unless TF32 is on, and the rel_h / rel_w path (HaloNet's bias
+    gathers and one-hot gradient dots) take 32 x 32, and 16 keys at D > 128, where fp32's FMA
+    operand staging passed sm_80's 163 KiB of shared memory. fp64 (not in the matrix): 32 x 32,
+    16 keys at D > 64, 4 warps."""
     if dtype == torch.float64:
-        bq, bk = min(bq, 32), min(bk, 32 if block_d <= 64 else 16)
-    elif dtype == torch.float32 and block_d >= 128:
-        bq, bk = min(bq, 32), min(bk, 32)
-    return bq, bk
+        return 32, 32 if block_d <= 64 else 16, _BLOCK_DKV, 4
+    if dtype == torch.float32 or rel:
+        return 32, 32 if block_d <= 128 else 16, _BLOCK_DKV, 8
+    return _BLOCK_Q, _BLOCK_K, _BLOCK_DKV, 8
 
 
 def _rel_args(rel: Optional[torch.Tensor]):
@@ -472,13 +479,14 @@ def _rel_args(rel: Optional[torch.Tensor]):
     return rel, rel.stride()
 
 
-def _common(q, kernel_size, dilation, stride, zpad=False):
+def _common(q, kernel_size, dilation, stride, zpad=False, rel=False):
+    """The plan, grid, BLOCK_D, dK / dV query chunk and num_warps of one call."""
     B, H, W, NH, D = q.shape
     block_d = max(16, triton.next_power_of_2(D))
-    bq, bk = _block_sizes(q.dtype, block_d)
+    bq, bk, bdkv, warps = _block_sizes(q.dtype, block_d, rel)
     plan = _plan(H, W, tuple(kernel_size), tuple(dilation), tuple(stride), bq, _MAX_TILE_W, bk, bool(zpad))
     grid = (plan.nth * plan.ntw, dilation[0] * dilation[1], B * NH)
-    return plan, grid, block_d
+    return plan, grid, block_d, min(plan.block_q, bdkv), warps
 
 
 def _scale_tensor(scale: float, acc_torch, device) -> torch.Tensor:
@@ -492,7 +500,8 @@ def forward(q, k, v, kernel_size, dilation, stride, rpb, scale, border="clamp", 
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     B, H, W, NH, D = q.shape
     zpad = border == "zero_pad"
-    plan, grid, block_d = _common(q, kernel_size, dilation, stride, zpad)
+    plan, grid, block_d, block_dkv, warps = _common(q, kernel_size, dilation, stride, zpad,
+                                                    rel_h is not None or rel_w is not None)
     rel_h, s1 = _rel_args(rel_h)
     rel_w, s2 = _rel_args(rel_w)
     acc, acc_torch = _acc_dtype(q.dtype)
@@ -507,7 +516,7 @@ def forward(q, k, v, kernel_size, dilation, stride, rpb, scale, border="clamp", 
         TH=plan.th, TW=plan.tw, HALO_H=plan.halo_h, HALO_W=plan.halo_w,
         BLOCK_K=plan.block_k, BLOCK_D=block_d,
         HAS_RPB=rpb is not None, ACC=acc, PREC=_precision(q.dtype), UPCAST=_upcast(q.dtype),
-        ZPAD=zpad, HAS_RELH=rel_h is not None, HAS_RELW=rel_w is not None,
+        ZPAD=zpad, HAS_RELH=rel_h is not None, HAS_RELW=rel_w is not None, num_warps=warps,
     )
     return out, lse
 
@@ -524,7 +533,8 @@ def backward(do, q, k, v, out, lse, kernel_size, dilation, stride, rpb, scale,
     q, k, v, do = _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(do)
     B, H, W, NH, D = q.shape
     zpad = border == "zero_pad"
-    plan, grid, block_d = _common(q, kernel_size, dilation, stride, zpad)
+    plan, grid, block_d, block_dkv, warps = _common(q, kernel_size, dilation, stride, zpad,
+                                                    rel_h is not None or rel_w is not None)
     rel_h, s1 = _rel_args(rel_h)
     rel_w, s2 = _rel_args(rel_w)
     need_drel = need_drel and (rel_h is not None or rel_w is not None)
@@ -547,7 +557,7 @@ def backward(do, q, k, v, out, lse, kernel_size, dilation, stride, rpb, scale,
     drpb = torch.zeros((slots, NH, 2 * kh - 1, 2 * kw - 1), dtype=acc_torch, device=q.device) if need_drpb else None
     consts = dict(KH=kh, KW=kw, SH=stride[0], SW=stride[1], TH=plan.th, TW=plan.tw,
                   BLOCK_D=block_d, HAS_RPB=rpb is not None, ACC=acc, PREC=prec, UPCAST=_upcast(q.dtype),
-                  ZPAD=zpad, HAS_RELH=rel_h is not None, HAS_RELW=rel_w is not None)
+                  ZPAD=zpad, HAS_RELH=rel_h is not None, HAS_RELW=rel_w is not None, num_warps=warps)
     _bwd_dq_kernel[grid](
         q, k, v, out, do, rpb_t, lse, delta, dq, drpb, scale_t, rel_h, rel_w, drel_h, drel_w,
         H, W, NH, D, dilation[0], dilation[1], plan.ntw, grid[0],
@@ -567,7 +577,7 @@ def backward(do, q, k, v, out, lse, kernel_size, dilation, stride, rpb, scale,
             q, k, v, do, rpb_t, lse, delta, dk, dv, qoh, qow, scale_t, rel_h, rel_w,
             H, W, NH, D, dilation[0], dilation[1], plan.nth, plan.ntw,
             *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *sr, *s1, *s2,
-            BLOCK_Q=plan.block_q, **consts,
+            BLOCK_Q=block_dkv, **consts,
         )
     if drpb is not None:
         drpb = drpb.sum(0).to(rpb.dtype)

@@ -217,8 +217,9 @@ def _common(q: torch.Tensor, num_regions: Tuple[int, int]):
     warps = 4
     if q.dtype == torch.float64:  # the FMA path of tl.dot stages more shared memory
         block = min(block, 32)
-    elif q.dtype == torch.float32:  # FMA dots unless TF32: 64-token blocks spilled on sm_80 and sm_90
-        block, warps = min(block, 32), 8  # (tools/gpu_readiness.py)
+    elif q.dtype == torch.float32:  # FMA dots unless TF32: 64-token blocks spilled on sm_80 and sm_90,
+        block = min(block, 32)  # 32 on 4 warps too, 16 on 8 warps (tools/gpu_readiness.py)
+        warps = 8 if block == 32 else 4
     acc, acc_torch = _acc_dtype(q.dtype)
     meta = dict(BLOCK_M=block, BLOCK_N=block, BLOCK_D=max(16, triton.next_power_of_2(D)), ACC=acc,
                 PREC=_precision(q.dtype), UPCAST=_upcast(q.dtype), num_warps=warps)
