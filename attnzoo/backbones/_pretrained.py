@@ -110,6 +110,8 @@ def build_model(model_cls, variant: str, pretrained: bool, pretrained_filter_fn:
     ``size_from_cfg``: build at the pretrained cfg's ``input_size`` unless ``img_size`` is given
     (checkpoints whose biases or position embeddings are sized for their training resolution).
     """
+    if pretrained:
+        _read_pretrained_file(variant, kwargs)
     cfg = resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"))
     if size_from_cfg:
         kwargs.setdefault("img_size", tuple(cfg.input_size[-2:]))
@@ -148,6 +150,36 @@ def build_model(model_cls, variant: str, pretrained: bool, pretrained_filter_fn:
     if registered_url is not None:
         model.pretrained_cfg["url"] = registered_url  # not the file URL of the cache
     return model
+
+
+def _read_pretrained_file(name: str, kwargs: Dict) -> None:
+    """Swap ``pretrained_cfg_overlay=dict(file=path)`` in ``kwargs`` for the tensors of ``path``, read
+    by attnzoo's loader: timm's would raise a bare ``FileNotFoundError`` or a ``SafetensorError``
+    that names no file. Check the classifier first: timm either fails on a size mismatch or, when
+    ``num_classes`` differs from the cfg's, silently drops the file's classifier."""
+    from ..convert import convert_command  # attnzoo.convert imports the backbones
+    from ._helpers import CheckpointError, load_checkpoint_file
+
+    overlay = dict(kwargs.get("pretrained_cfg_overlay") or {})
+    path = overlay.get("file")
+    if not path or overlay.get("state_dict") is not None:
+        return
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"pretrained file not found: {path}; make it with: {convert_command(name, path)}, "
+                                f"or train one with python tools/train.py --model {name}")
+    sd = load_checkpoint_file(path)
+    cfg = resolve_pretrained_cfg(name, kwargs.get("pretrained_cfg"), overlay)  # the tag's, with the overlay
+    overlay["state_dict"] = sd
+    classifier = None if kwargs.get("features_only") else cfg.classifier
+    weight = sd.get(f"{classifier}.weight") if isinstance(classifier, str) else None
+    if weight is not None:  # in attnzoo's layout (train.py, convert_checkpoint.py): its class count is known
+        n = weight.shape[0]
+        if "num_classes" not in kwargs and n != cfg.num_classes:
+            raise CheckpointError(f"{path}: its classifier {classifier} has {n} classes, {name} has "
+                                  f"{cfg.num_classes} by default: pass num_classes={n} to timm.create_model")
+        if kwargs.get("num_classes") == n:
+            overlay["num_classes"] = n  # so timm loads the classifier instead of dropping it
+    kwargs["pretrained_cfg_overlay"] = overlay
 
 
 def _download(url: str, file_name: str, cfg, cache_dir) -> str:
