@@ -72,7 +72,7 @@ COLUMNS = ["model", "params_m", "gmacs", "infer_img_s", "train_img_s", "train_me
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=C.HelpFormatter)
     p.add_argument("--models", nargs="+", default=["cbam_resnet50", "eca_resnet50"])
     p.add_argument("--peer", nargs="*", default=[],
                    help="NAME (peer of every model), MODEL=NAME, or 'none' / MODEL=none to skip")

@@ -63,7 +63,7 @@ PAPER_TOP1 = {
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=C.HelpFormatter)
     p.add_argument("--models", nargs="+", default=[m for m, _ in TIER])
     p.add_argument("--sizes", nargs="+", type=int, default=[224, 512])
     p.add_argument("--batch-size", "-b", type=int, default=None, help="default: 8 on CPU, 32 on GPU")

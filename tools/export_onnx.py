@@ -44,7 +44,7 @@ COLUMNS = ["check", "input", "max_abs_err", "max_rel_err", "ok"]
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=C.HelpFormatter)
     p.add_argument("--model", required=True)
     p.add_argument("--img-size", type=int, default=None, help="default: the model's pretrained_cfg input size")
     p.add_argument("--batch-size", "-b", type=int, default=2, help="batch of the example input")

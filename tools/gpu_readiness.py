@@ -419,7 +419,7 @@ def build_matrix(models, dtypes, archs, batch, quick=False, jobs=1, log=print) -
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=C.HelpFormatter)
     p.add_argument("--arch", nargs="+", type=int, default=[80, 90], help="compute capabilities, e.g. 80 90")
     p.add_argument("--models", nargs="+", default=None, help="default: every paper model (--quick: one per op)")
     p.add_argument("--dtypes", nargs="+", default=None, choices=sorted(DTYPES),
