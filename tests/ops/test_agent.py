@@ -107,9 +107,9 @@ def test_default_scale_and_partial_grads():
 
 def test_validation_names_shapes():
     q, k, v, a, b1, b2 = _inputs(1, 2, 9, 9, 4, 8, True, dtype=torch.float32)
-    with pytest.raises(ValueError, match=r"agent_bias must be \[heads, A, M\] = \(2, 4, 9\)"):
+    with pytest.raises(ValueError, match=r"agent_bias must have shape \[heads, A, M\] = \(2, 4, 9\)"):
         agent_op.agent_attention(q, k, v, a, b1[:, :3], b2)
-    with pytest.raises(ValueError, match=r"query_bias must be \[heads, N, A\]"):
+    with pytest.raises(ValueError, match=r"query_bias must have shape \[heads, N, A\]"):
         agent_op.agent_attention(q, k, v, a, b1, b2.transpose(1, 2))
     with pytest.raises(ValueError, match="k and v"):
         agent_op.agent_attention(q, k, v[:, :, :5], a, None, None)
@@ -119,7 +119,7 @@ def test_validation_names_shapes():
         agent_op.agent_attention(q[0], k, v, a, None, None)
     with pytest.raises(ValueError, match="dtype"):
         agent_op.agent_attention(q.double(), k, v, a, None, None)
-    with pytest.raises(ValueError, match="query_bias must be"):
+    with pytest.raises(ValueError, match="query_bias must have"):
         agent_op.agent_attention(q, k, v, a, b1, b2.double())
     with pytest.raises(ValueError, match="one floating dtype"):
         agent_op.agent_attention(*(t.long() for t in (q, k, v, a)), None, None)

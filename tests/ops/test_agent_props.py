@@ -101,27 +101,29 @@ def test_under_bf16_autocast(n, backend):
 
 @pytest.mark.parametrize("n", sizes(40, 500))
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
-def test_autocast_changes_nothing(n, backend):
-    """The op sets its own precision (as ops.linear): under bf16 autocast, the same output, dtype
-    and gradients, bit for bit, as without it. The cpu backend's own backward also runs inside the
-    autocast region; the reference's autograd graph follows the ambient state there, so its
-    backward runs after the region, as in training."""
+def test_autocast_is_cast(n, backend):
+    """The attention ops' autocast policy: under bf16 autocast every input, biases included, is cast
+    to bf16 and the op runs with autocast off: the same output, bit for bit, as the op on pre-cast
+    inputs, and the gradients through that cast, in the inputs' dtype. The cpu backend's own
+    backward also runs inside the autocast region; the reference's autograd graph follows the
+    ambient state there, so its backward runs after the region, as in training."""
     @settings_for(n)
     @given(case=cases(dtypes=(torch.float32, torch.bfloat16, torch.float16)))
     def prop(case):
         values = case.values()
-        dy = randn((case.B, case.heads, case.N, case.D), ("dy", case.seed)).to(case.dtype)
+        dy = randn((case.B, case.heads, case.N, case.D), ("dy", case.seed)).to(torch.bfloat16)
         runs = []
         for enabled in (False, True):
             leaves = {n: (t.to(case.dtype).requires_grad_() if t is not None else None) for n, t in values.items()}
             wrt = [t for t in leaves.values() if t is not None]
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
-                y = agent_attention(**leaves, scale=case.scale, backend=backend)
+                ins = {n: (t if enabled or t is None else t.to(torch.bfloat16)) for n, t in leaves.items()}
+                y = agent_attention(**ins, scale=case.scale, backend=backend)
                 grads = torch.autograd.grad(y, wrt, dy, retain_graph=True) if backend == "cpu" else ()
             grads = grads or torch.autograd.grad(y, wrt, dy)
             runs.append((y, *grads))
-        for a, b in zip(*runs):
-            assert a.dtype == case.dtype
+        for i, (a, b) in enumerate(zip(*runs)):
+            assert a.dtype == (torch.bfloat16 if i == 0 else case.dtype)
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 
     prop()

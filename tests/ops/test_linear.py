@@ -258,20 +258,20 @@ assert set(TOL) == set(DTYPES)
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
-def test_autocast_changes_nothing(backend):
-    """Under bf16 autocast the op keeps its own precision (fp32 accumulation): the same outputs
-    and gradients as without autocast, for bf16 and fp32 inputs. The backward runs after the
-    autocast region, as in training (the cpu backend's own backward also disables autocast,
-    so it would not mind; the reference's autograd graph follows the ambient state)."""
+def test_autocast_is_cast(backend):
+    """Under bf16 autocast the op runs on q, k, v cast to bf16 (fp32 accumulation inside): the same
+    output as the op on pre-cast inputs, and gradients through that cast in the inputs' dtype. The
+    backward runs after the autocast region, as in training."""
     for dtype in (BF16, F32):
         q, k, v, tables, dy = inputs((1, 2, 19, 8), dtype, True, ("autocast", str(dtype)))
         res = []
         for enabled in (False, True):
             leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
             with torch.autocast("cpu", dtype=BF16, enabled=enabled):
-                y = magnitude_aware_linear_attention(*leaves, tables, backend=backend)
-            grads = torch.autograd.grad(y, leaves, dy.to(dtype))
+                ins = leaves if enabled else [t.to(BF16) for t in leaves]
+                y = magnitude_aware_linear_attention(*ins, tables, backend=backend)
+            grads = torch.autograd.grad(y, leaves, dy.to(BF16))
             res.append((y, *grads))
-        for a, b in zip(*res):
-            assert a.dtype == dtype
+        for i, (a, b) in enumerate(zip(*res)):
+            assert a.dtype == (BF16 if i == 0 else dtype)
             torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from attnzoo.ops import routing
+from attnzoo.ops import _checks, routing
 from attnzoo.ops.routing import cpu, reference
 
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2}
@@ -34,6 +34,10 @@ def _inputs(shape, dtype, seed=0, requires_grad=True):
 def _rel_err(a, b):
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
+
+
+def _regions(n):
+    return _checks.as_pair("bra", "num_regions", n, minimum=1)
 
 
 def _oracle(q, k, v, num_regions, topk, scale):
@@ -99,7 +103,7 @@ def test_cpu_matches_reference(case, dtype):
     # the reference runs in float64 on the same (rounded) inputs and the same routing (low
     # precision region means may break near-ties differently; routing is checked in float64 above)
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    y_ref = reference.bra(*leaves, idx, routing._regions(nr), (heads * D) ** -0.5)
+    y_ref = reference.bra(*leaves, idx, _regions(nr), (heads * D) ** -0.5)
     g_ref = torch.autograd.grad(y_ref, leaves, dy.double())
     if dtype == torch.float64:
         torch.testing.assert_close(y_ref, routing.bra(*leaves, nr, topk, backend="reference"))
@@ -146,8 +150,8 @@ def test_reference_gradcheck():
     q, k, v = _inputs((1, 5, 7, 2, 2), torch.float64, seed=3)
     for nr, topk in [(2, 1), (3, 4), ((2, 3), -1)]:
         assert torch.autograd.gradcheck(lambda a, b, c, n=nr, t=topk: reference.bra(
-            a, b, c, reference.route(a, b, routing._regions(n), routing._validate(a, b, c, n, t, None)[1]),
-            routing._regions(n), 0.5), (q, k, v))
+            a, b, c, reference.route(a, b, _regions(n), routing._validate(a, b, c, n, t, None)[1]),
+            _regions(n), 0.5), (q, k, v))
 
 
 def test_cpu_gradcheck():

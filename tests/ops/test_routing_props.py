@@ -96,10 +96,21 @@ def routing_margin(q: torch.Tensor, k: torch.Tensor, num_regions, topk: int) -> 
 
 
 def values_seen(case, autocast=None):
-    """The float64 values the reference sees (rounded to the input dtype; repeated for "expanded")."""
+    """The float64 values the reference sees (rounded to the input dtype; repeated for "expanded").
+    Under autocast the op itself sees them rounded on to the autocast dtype (its input cast)."""
     values, _, layouts, dtype, _, seed = case
     in_dtype = torch.float32 if autocast is not None else dtype
-    return {n: arrange(t, layouts[n], in_dtype, seed)[0] for n, t in values.items()}
+    seen = {n: arrange(t, layouts[n], in_dtype, seed)[0] for n, t in values.items()}
+    if autocast is not None:
+        return seen, {n: t.to(autocast).double() for n, t in seen.items()}
+    return seen, seen
+
+
+def same_routing(a, b, num_regions, topk) -> bool:
+    """Whether float64 routing picks the same regions from two roundings of q and k."""
+    nr, topk, _ = routing._validate(a["q"], a["k"], a["v"], num_regions, topk, None)
+    return torch.equal(routing.reference.route(a["q"], a["k"], nr, topk),
+                       routing.reference.route(b["q"], b["k"], nr, topk))
 
 
 def term_floors(seen, scale) -> dict:
@@ -120,27 +131,31 @@ def term_floors(seen, scale) -> dict:
 
 def check(case, backend: str, device: str = "cpu", autocast=None) -> None:
     values, kwargs, layouts, dtype, grad_of, seed = case
-    seen = values_seen(case, autocast)
-    assume(routing_margin(seen["q"], seen["k"], kwargs["num_regions"], kwargs["topk"]) > 1e-4)
+    seen, seen_op = values_seen(case, autocast)
+    for s in (seen, seen_op):
+        assume(routing_margin(s["q"], s["k"], kwargs["num_regions"], kwargs["topk"]) > 1e-4)
+    # under autocast the op routes on its cast inputs, the float64 reference on the uncast ones
+    assume(seen_op is seen or same_routing(seen, seen_op, kwargs["num_regions"], kwargs["topk"]))
     seen["dy"] = randn(values["q"].shape, ("dy", seed))  # compare's upstream gradient
     compare(run_op, values, grad_of, backend, dtype, layouts, kwargs, device=device, autocast=autocast, seed=seed,
             floors=term_floors(seen, kwargs["scale"]))
 
 
-def check_autocast_changes_nothing(case, backend: str, dtype: torch.dtype, device: str = "cpu") -> None:
-    """Output, routing and gradients under bf16 autocast (backward inside it) are exactly those
-    without autocast, in the inputs' dtype; the reference's backward (its autograd graph) alone
-    follows the ambient autocast."""
+def check_autocast_is_cast(case, backend: str, dtype: torch.dtype, device: str = "cpu") -> None:
+    """Under bf16 autocast (backward inside it) the output and routing are exactly those of the op
+    on q, k, v cast to bf16 without autocast, and the gradients those through that cast (in the
+    inputs' dtype); the reference's backward (its autograd graph) alone follows the ambient autocast."""
     values, kwargs, layouts, _, _, seed = case
     runs = []
     for enabled in (False, True):
         ins = {n: arrange(t, layouts[n], dtype, seed)[1].to(device) for n, t in values.items()}
         with torch.autocast(device, torch.bfloat16, enabled=enabled):
-            y, idx = routing.bra(**ins, **kwargs, backend=backend, return_index=True)
+            cast = {n: t if enabled else t.to(torch.bfloat16) for n, t in ins.items()}
+            y, idx = routing.bra(**cast, **kwargs, backend=backend, return_index=True)
             grads = torch.autograd.grad(y, [ins[n] for n in "qkv"], torch.ones_like(y))
         runs.append((y, idx, *grads))
     for i, (a, b) in enumerate(zip(*runs)):
-        assert a.dtype == b.dtype and a.dtype == (torch.long if i == 1 else dtype)
+        assert a.dtype == b.dtype and a.dtype == (torch.bfloat16, torch.long, dtype, dtype, dtype)[i]
         assert torch.equal(a, b) or (backend == "reference" and i > 1), ("out", "idx", "dq", "dk", "dv")[i]
 
 
@@ -169,15 +184,14 @@ def test_reference_low_precision_and_layouts(n):
 @pytest.mark.parametrize("n", sizes(100, 1000))
 def test_autocast_bf16(n):
     """Under ``torch.autocast("cpu", torch.bfloat16)``: against the float64 reference (fp32 inputs),
-    and exactly what the op gives without autocast (routing and attention alike: autocast is off
-    inside the op, as for linear attention), bf16 and fp32 inputs, the backward run inside the
-    autocast region too."""
+    and exactly the op on inputs cast to bf16 (routing and attention alike: the attention ops'
+    autocast policy), bf16 and fp32 inputs, the backward run inside the autocast region too."""
     @settings_for(n)
     @given(case=cases(autocast=True), backend=st.sampled_from(["cpu", "cpu", "reference"]),
            dtype=st.sampled_from([torch.float32, torch.bfloat16]))
     def prop(case, backend, dtype):
         check(case, backend, autocast=torch.bfloat16)
-        check_autocast_changes_nothing(case, backend, dtype)
+        check_autocast_is_cast(case, backend, dtype)
     prop()
 
 

@@ -28,7 +28,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .. import _dispatch
+from .. import _checks, _dispatch
 from . import cpu, reference
 from .reference import rotate as rotate_pairs
 
@@ -43,20 +43,7 @@ Rope = Optional[Tuple[torch.Tensor, torch.Tensor]]
 
 
 def _validate(op: str, q, k, v, rope: Rope, scale, eps):
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{op}: {name} must be [B, heads, N, D], got shape {tuple(t.shape)}")
-    if not (q.shape == k.shape == v.shape):
-        raise ValueError(f"{op}: q, k, v must have the same shape [B, heads, N, D], got q {tuple(q.shape)}, "
-                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if not (q.dtype == k.dtype == v.dtype) or not q.is_floating_point():
-        raise ValueError(f"{op}: q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"{op}: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if q.numel() == 0:
-        raise ValueError(f"{op}: got empty inputs of shape {tuple(q.shape)}")
+    _checks.check_qkv(op, q, k, v, "[B, heads, N, D]")
     cos = sin = None
     if rope is not None:
         if not isinstance(rope, (tuple, list)) or len(rope) != 2:
@@ -73,11 +60,10 @@ def _validate(op: str, q, k, v, rope: Rope, scale, eps):
             if t.device != q.device or not t.is_floating_point():
                 raise ValueError(f"{op}: rope {name} must be a floating tensor on {q.device}, "
                                  f"got {t.dtype} on {t.device}")
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
+    scale = _checks.check_scale(op, scale, q.shape[-1] ** -0.5)
     if not float(eps) > 0:
         raise ValueError(f"{op}: eps must be > 0, got {eps}")
-    return cos, sin, float(scale), float(eps)
+    return cos, sin, scale, float(eps)
 
 
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: Rope = None, *,
@@ -95,14 +81,15 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: Ro
         eps: added to ``z`` before it is inverted (MALA's ``1e-6``); must be > 0.
         backend: ``"reference" | "cpu" | "triton"``; default: the best that can run.
 
-    Half inputs are accumulated in fp32 and returned in their dtype.
+    Half inputs are accumulated in fp32 and returned in their dtype. Under autocast q, k, v are
+    cast to its dtype first (``ops._checks.autocast_inputs``, every attention op's policy).
     """
+    # the RoPE tables are not cast: backends read them in any floating dtype (validated below)
+    (q, k, v), no_autocast = _checks.autocast_inputs(q, k, v)
     cos, sin, scale, eps = _validate("linear_attention", q, k, v, rope, scale, eps)
     tensors = [t for t in (q, k, v, cos, sin) if t is not None]
     chosen = _dispatch.choose_backend("linear_attention", BACKENDS, tensors, backend)
-    # the op sets its own precision (fp32 accumulation for half inputs): autocast would
-    # round its matmuls to bf16 / fp16, and the backends' backward reads what forward saved
-    with _dispatch.no_autocast(q.device.type):
+    with no_autocast:
         return chosen.impl.linear_attention(q, k, v, cos, sin, scale, eps, bool(magnitude_aware))
 
 

@@ -23,8 +23,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-from .. import _dispatch
-from .._dispatch import no_autocast
+from .. import _checks, _dispatch
 from . import cpu, reference
 
 __all__ = ["bra", "BACKENDS"]
@@ -32,42 +31,15 @@ __all__ = ["bra", "BACKENDS"]
 BACKENDS = _dispatch.standard_backends(reference, cpu, __name__ + ".triton")
 
 
-def _regions(value) -> Tuple[int, int]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        out = (value, value)
-    else:
-        try:
-            out = tuple(value)
-        except TypeError:
-            out = ()
-    if len(out) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in out):
-        raise ValueError(f"bra: num_regions must be an int >= 1 or a pair of them, got {value!r}")
-    return out
-
-
 def _validate(q, k, v, num_regions, topk, scale):
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"bra: {name} must be a tensor, got {type(t).__name__}")
-        if t.dim() != 5:
-            raise ValueError(f"bra: {name} must be [B, H, W, heads, D], got shape {tuple(t.shape)}")
-    if not (q.shape == k.shape == v.shape):
-        raise ValueError(f"bra: q, k, v must have the same shape, got q {tuple(q.shape)}, "
-                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if not (q.dtype == k.dtype == v.dtype) or not q.is_floating_point():
-        raise ValueError(f"bra: q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"bra: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if q.numel() == 0:
-        raise ValueError(f"bra: got empty inputs of shape {tuple(q.shape)}")
-    nr = _regions(num_regions)
+    _checks.check_qkv("bra", q, k, v, "[B, H, W, heads, D]")
+    nr = _checks.as_pair("bra", "num_regions", num_regions, minimum=1)
     nR = nr[0] * nr[1]
     if isinstance(topk, bool) or not isinstance(topk, int) or not (topk == -1 or topk >= 1):
         raise ValueError(f"bra: topk must be -1 (dense) or >= 1, got {topk!r}")
     topk = nR if topk == -1 else min(topk, nR)
-    if scale is None:
-        scale = (q.shape[-2] * q.shape[-1]) ** -0.5  # official: qk_dim ** -0.5 over all heads
-    return nr, topk, float(scale)
+    # official: qk_dim ** -0.5 over all heads
+    return nr, topk, _checks.check_scale("bra", scale, (q.shape[-2] * q.shape[-1]) ** -0.5)
 
 
 def bra(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_regions: Union[int, Sequence[int]], topk: int,
@@ -84,14 +56,15 @@ def bra(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_regions: Union[in
         return_index: also return the routing ``[B, nh * nw, topk]`` (row-major region ids).
 
     Returns ``[B, H, W, heads, D]`` in q's dtype, and the routing index if asked. Half inputs
-    are accumulated in fp32; autocast is off inside the op (as ``attnzoo.ops.linear``), so
-    under ``torch.autocast`` the routing and the attention run in the inputs' dtype.
+    are accumulated in fp32. Under autocast q, k, v are cast to its dtype first and the routing
+    and the attention run in it (``ops._checks.autocast_inputs``, every attention op's policy).
     """
+    (q, k, v), no_autocast = _checks.autocast_inputs(q, k, v)
     nr, topk, scale = _validate(q, k, v, num_regions, topk, scale)
     chosen = _dispatch.choose_backend("bra", BACKENDS, [q, k, v], backend)
-    # autocast would round the routing matmul (and the reference's einsums) to bf16 / fp16 and
-    # change which regions are chosen; the backends' own backward disables it likewise
-    with no_autocast(q.device.type):
+    # the routing matmul too runs with autocast off, in the inputs' dtype, so every backend
+    # attends the same regions; the backends' own backward disables autocast likewise
+    with no_autocast:
         idx = reference.route(q, k, nr, topk)
         out = chosen.impl.bra(q, k, v, idx, nr, scale)
     return (out, idx) if return_index else out
