@@ -26,17 +26,16 @@ from typing import Dict, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
-from timm.layers import calculate_drop_path_rates, ClassifierHead, DropPath, Mlp, to_2tuple, trunc_normal_
+from timm.layers import calculate_drop_path_rates, ClassifierHead, to_2tuple, trunc_normal_
 from timm.models import generate_default_cfgs
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .._registry import register_model
-from ..layers.agent import AgentAttention
 from ._helpers import (
     ClassifierHeadMixin, StagedFeaturesMixin, cfg, init_linear_layernorm, remap_keys, unwrap_state_dict)
 from ._pretrained import build_model
-from .agent_swin import TSINGHUA_URL, resize_agent_biases
+from .agent_swin import TSINGHUA_URL, AgentBlock, resize_agent_biases
 
 __all__ = ["AgentPyramidVisionTransformer"]
 
@@ -59,36 +58,6 @@ class PatchEmbed(nn.Module):
         if pad_h or pad_w:
             x = F.pad(x, (0, pad_w, 0, pad_h))
         return self.norm(self.proj(x).permute(0, 2, 3, 1))
-
-
-class AgentPvtBlock(nn.Module):
-    """Pre-norm block with agent attention (official ``Block`` with ``attn_type='A'``)."""
-
-    def __init__(
-            self,
-            dim: int,
-            num_heads: int,
-            num_agents: int,
-            feat_size: Tuple[int, int],
-            sr_ratio: int = 1,
-            mlp_ratio: float = 4.0,
-            qkv_bias: bool = True,
-            proj_drop: float = 0.0,
-            attn_drop: float = 0.0,
-            drop_path: float = 0.0,
-            norm_layer=nn.LayerNorm,
-    ):
-        super().__init__()
-        self.norm1 = norm_layer(dim)
-        self.attn = AgentAttention(dim, num_heads, num_agents, bias_size=feat_size, qkv_bias=qkv_bias,
-                                   sr_ratio=sr_ratio, attn_drop=attn_drop, proj_drop=proj_drop)
-        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-        self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
 class AgentPvtStage(nn.Module):
@@ -117,7 +86,7 @@ class AgentPvtStage(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, feat_size[0] * feat_size[1], dim))  # official layout
         self.pos_drop = nn.Dropout(proj_drop)
         self.blocks = nn.Sequential(*[
-            AgentPvtBlock(dim, num_heads, num_agents, feat_size, sr_ratio=sr_ratio, drop_path=drop_path[i],
+            AgentBlock(dim, num_heads, num_agents, feat_size, sr_ratio=sr_ratio, drop_path=drop_path[i],
                           proj_drop=proj_drop, **block_kwargs)
             for i in range(depth)])
 

@@ -42,8 +42,10 @@ from ._pretrained import build_model
 __all__ = ["AgentSwinTransformer"]
 
 
-class AgentSwinBlock(nn.Module):
-    """Pre-norm block with agent attention over the whole ``[B, H, W, C]`` map."""
+class AgentBlock(nn.Module):
+    """Pre-norm block with agent attention over the whole ``[B, H, W, C]`` map: Agent-Swin's agent
+    block (``sr_ratio=None``: one ``qkv`` projection) and Agent-PVT's official ``Block`` with
+    ``attn_type='A'`` (an int ``sr_ratio``: ``q`` and ``kv`` projections)."""
 
     def __init__(
             self,
@@ -51,6 +53,7 @@ class AgentSwinBlock(nn.Module):
             num_heads: int,
             num_agents: int,
             feat_size: Tuple[int, int],
+            sr_ratio: Optional[int] = None,
             mlp_ratio: float = 4.0,
             qkv_bias: bool = True,
             proj_drop: float = 0.0,
@@ -61,15 +64,14 @@ class AgentSwinBlock(nn.Module):
         super().__init__()
         self.norm1 = norm_layer(dim)
         self.attn = AgentAttention(dim, num_heads, num_agents, bias_size=feat_size, qkv_bias=qkv_bias,
-                                   attn_drop=attn_drop, proj_drop=proj_drop)
-        self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+                                   sr_ratio=sr_ratio, attn_drop=attn_drop, proj_drop=proj_drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop)
-        self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path1(self.attn(self.norm1(x)))
-        return x + self.drop_path2(self.mlp(self.norm2(x)))
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
 def block_types(stage_type: str, depth: int) -> List[str]:
@@ -112,7 +114,7 @@ class AgentSwinStage(nn.Module):
             common = dict(mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop, attn_drop=attn_drop,
                           drop_path=drop_path[i], norm_layer=norm_layer)
             if kind == "A":
-                blocks.append(AgentSwinBlock(out_dim, num_heads, num_agents, feat_size, **common))
+                blocks.append(AgentBlock(out_dim, num_heads, num_agents, feat_size, **common))
             else:  # official: odd blocks of the stage shifted by window // 2
                 blocks.append(SwinTransformerBlock(
                     out_dim, feat_size, num_heads, window_size=window_size,

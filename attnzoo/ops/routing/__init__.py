@@ -19,7 +19,7 @@ Backends (``backend=`` or ``$ATTNZOO_BACKEND``; default: the best that can run):
 Routing (``reference.route``) runs once here, so every backend attends the same
 regions; each backend module exposes ``bra(q, k, v, idx, num_regions, scale)``.
 """
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
