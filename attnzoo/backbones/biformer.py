@@ -61,7 +61,8 @@ class AttentionLePE(nn.Module):
 
 
 class BiFormerBlock(nn.Module):
-    """NCHW in / out: ``x + pos_embed(x)``, then pre-norm attention and MLP in NHWC (official ``Block``)."""
+    """NCHW in / out (fastest channels_last, which the result keeps): ``x + pos_embed(x)``, then
+    pre-norm attention and MLP in NHWC (official ``Block``)."""
 
     def __init__(
             self,
@@ -103,6 +104,9 @@ class BiFormerStage(nn.Sequential):
     grad_checkpointing = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # channels_last through the blocks (and so the next downsampler): the blocks' NHWC permutes
+        # are then free views and oneDNN's depthwise convs run faster on it
+        x = x.contiguous(memory_format=torch.channels_last)
         for blk in self:
             if self.grad_checkpointing and not torch.jit.is_scripting():
                 x = checkpoint(blk, x, use_reentrant=False)

@@ -80,6 +80,8 @@ class BiLevelRoutingAttention(nn.Module):
             raise ValueError(f"BiLevelRoutingAttention: expected [B, H, W, C], got shape {tuple(x.shape)}")
         B, H, W, C = x.shape
         q, k, v = self.qkv(x)
+        if self.lepe is not None:
+            v = v.contiguous()  # the conv reads it as channels_last with no copy of its own
         heads = (B, H, W, self.num_heads, C // self.num_heads)
         out, idx = bra(q.reshape(heads), k.reshape(heads), v.reshape(heads), self.n_win, self.topk,
                        scale=self.scale, backend=self.backend, return_index=True)

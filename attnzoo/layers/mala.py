@@ -17,7 +17,7 @@ from torch import nn
 
 from ..ops.linear import magnitude_aware_linear_attention, rotate_pairs
 
-__all__ = ["MagnitudeAwareLinearAttention", "RopeSoftmaxAttention", "RotaryEmbedding2d"]
+__all__ = ["MagnitudeAwareLinearAttention", "RopeSoftmaxAttention", "RotaryEmbedding2d", "pointwise"]
 
 Rope = Optional[Tuple[torch.Tensor, torch.Tensor]]
 
@@ -54,6 +54,13 @@ class RotaryEmbedding2d(nn.Module):
         return phase.cos(), phase.sin()
 
 
+def pointwise(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """A 1x1 ``conv`` of a ``[B, C, H, W]`` map as ``F.linear`` over its channels-last view: one GEMM
+    (PyTorch runs 1x1 convs through its im2col path on CPU, forward and backward), no copy when
+    ``x`` is channels_last; the result is channels_last too. Keeps ``conv``'s state-dict keys."""
+    return F.linear(x.permute(0, 2, 3, 1), conv.weight.flatten(1), conv.bias).permute(0, 3, 1, 2)
+
+
 class _QkvoAttention(nn.Module):
     """What both attentions share: ``qkvo``, ``lepe``, ``proj`` and the head split."""
 
@@ -69,25 +76,36 @@ class _QkvoAttention(nn.Module):
         self.lepe = nn.Conv2d(dim, dim, 5, padding=2, groups=dim)
         self.proj = nn.Conv2d(dim, dim, 1)
 
+    def features(self, qk: torch.Tensor) -> torch.Tensor:
+        """``q | k`` channels (``[B, H, W, 2C]``) -> the maps attention reads (``phi`` for MALA)."""
+        return qk
+
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: Rope) -> torch.Tensor:
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor, rope: Rope = None) -> torch.Tensor:
-        """``x`` ``[B, C, H, W]``; ``rope``: ``RotaryEmbedding2d(H, W)`` tables, or None."""
+        """``x`` ``[B, C, H, W]``, fastest channels_last (the result is channels_last);
+        ``rope``: ``RotaryEmbedding2d(H, W)`` tables, or None."""
         if x.dim() != 4 or x.shape[1] != self.dim:
             raise ValueError(f"{type(self).__name__}: expected [B, {self.dim}, H, W], got shape {tuple(x.shape)}")
         B, C, H, W = x.shape
-        q, k, v, o = self.qkvo(x).chunk(4, dim=1)
-        lepe = self.lepe(v)
+        # channels-last throughout: qkvo and proj are GEMMs over tokens, the features and heads are
+        # row slices with unit channel stride (elementwise ops on the NCHW head views were strided)
+        qkvo = F.linear(x.permute(0, 2, 3, 1), self.qkvo.weight.flatten(1), self.qkvo.bias)  # [B, H, W, 4C]
+        # split, not slicing: the backward of a split is one cat, of each slice a zero-filled full-size grad
+        qk, v, o = qkvo.split([2 * C, C, C], dim=-1)
+        q, k = self.features(qk).chunk(2, dim=-1)
+        v = v.contiguous()  # read by lepe (as channels_last) and attention
+        lepe = self.lepe(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         # channel c = head * head_dim + d (official order); [B, heads, H*W, head_dim] views
-        q, k, v = (t.reshape(B, self.num_heads, self.head_dim, H * W).transpose(-1, -2) for t in (q, k, v))
+        q, k, v = (t.reshape(B, H * W, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
         if torch.compiler.is_compiling():
-            # AOTAutograd's backward of elu on these strided views of one conv output fails
-            # ("view size is not compatible"); eager mode keeps the zero-copy views
+            # AOTAutograd failed on the backward of elu over strided views of one projection
+            # ("view size is not compatible", seen with the NCHW views); eager keeps zero-copy views
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        out = self.attend(q, k, v, rope)
-        out = out.transpose(-1, -2).reshape(B, C, H, W)
-        return self.proj((out + lepe) * o)
+        out = self.attend(q, k, v, rope).transpose(1, 2).reshape(B, H, W, C)
+        out = F.linear((out + lepe) * o, self.proj.weight.flatten(1), self.proj.bias)
+        return out.permute(0, 3, 1, 2)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}"
@@ -102,9 +120,24 @@ class MagnitudeAwareLinearAttention(_QkvoAttention):
         super().__init__(dim, num_heads)
         self.backend = backend
 
+    def features(self, qk):
+        return F.elu(qk).add_(1)  # phi on the contiguous-row q | k slice, one pass
+
     def attend(self, q, k, v, rope):
-        return magnitude_aware_linear_attention(F.elu(q) + 1, F.elu(k) + 1, v, rope, scale=self.scale,
-                                                backend=self.backend)
+        return magnitude_aware_linear_attention(q, k, v, rope, scale=self.scale, backend=self.backend)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``rotate_pairs``, in eager fp32 / fp64 as one complex multiply (pairs ``(2i, 2i+1)`` are the real
+    and imaginary parts; ~8x faster on CPU than its passes over strided even / odd views). Half dtypes
+    have no complex view, and graph captures and ONNX take no complex tensors: there, the plain form."""
+    if (x.dtype not in (torch.float32, torch.float64) or torch.compiler.is_compiling()
+            or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()):
+        return rotate_pairs(x, cos, sin)
+    if x.stride(-1) != 1 or any(s % 2 for s in x.stride()[:-1]) or x.storage_offset() % 2:
+        x = x.contiguous()
+    xc = torch.view_as_complex(x.unflatten(-1, (-1, 2)))
+    return torch.view_as_real(xc * torch.complex(cos.to(x.dtype), sin.to(x.dtype))).flatten(-2)
 
 
 class RopeSoftmaxAttention(_QkvoAttention):
@@ -118,7 +151,7 @@ class RopeSoftmaxAttention(_QkvoAttention):
 
     def attend(self, q, k, v, rope):
         if rope is not None:
-            q, k = rotate_pairs(q, *rope).to(v.dtype), rotate_pairs(k, *rope).to(v.dtype)
+            q, k = _rotate(q, *rope).to(v.dtype), _rotate(k, *rope).to(v.dtype)
         if self.fused_attn:
             return F.scaled_dot_product_attention(q, k, v, scale=self.scale)
         return torch.softmax(self.scale * q @ k.transpose(-2, -1), dim=-1) @ v
