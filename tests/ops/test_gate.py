@@ -64,6 +64,19 @@ def test_cpu_matches_reference(op, shape, dtype, channels_last):
             assert _rel_err(a, b) < TOL[dtype] * (10 if dtype == torch.bfloat16 else 1), f"grad {i}"
 
 
+@pytest.mark.parametrize("chunk", [1, 50, 400], ids=lambda c: f"chunk{c}")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_cpu_blocks_match_reference(monkeypatch, chunk, dtype, channels_last):
+    """The cpu passes work one block of ``cpu._CHUNK`` elements at a time (channel ranges of one
+    sample, or several whole samples); small blocks put the test shapes through every split,
+    which a model's maps take and the property suite's small maps do not."""
+    monkeypatch.setattr(cpu, "_CHUNK", chunk)
+    for op in sorted(OPS):
+        for shape in SHAPES:
+            test_cpu_matches_reference(op, shape, dtype, channels_last)
+
+
 def test_reference_primitives_gradcheck():
     impl = reference
     g = torch.Generator().manual_seed(0)

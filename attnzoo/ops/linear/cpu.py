@@ -16,10 +16,11 @@ stack, two products, a sum) per tensor, and autograd doubles all of them. Here:
 
 Half inputs are computed in fp32 and cast back; fp64 stays fp64.
 """
-import contextlib
 from typing import Optional
 
 import torch
+
+from .. import _dispatch
 
 Tensor = torch.Tensor
 
@@ -138,8 +139,7 @@ class _LinearAttention(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        with torch.autocast(g.device.type, enabled=False) if torch.amp.is_autocast_available(g.device.type) \
-                else contextlib.nullcontext():  # as the forward (see ``__init__``)
+        with _dispatch.no_autocast(g.device.type):  # as the forward (see ``__init__``)
             return _LinearAttention._backward(ctx, g)
 
     @staticmethod
