@@ -13,6 +13,8 @@ def acc_dtype(dtype: torch.dtype):
 
 
 def precision(dtype: torch.dtype) -> str:
+    """``dot``'s ``PREC`` for operands of ``dtype``: a kernel whose dots take fp32 operands for half
+    inputs (upcast, or fp32 intermediates) passes its accumulator dtype."""
     # tf32 only where torch itself would use it for an fp32 matmul (the flag is off by default)
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         return "ieee"

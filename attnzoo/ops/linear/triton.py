@@ -27,23 +27,25 @@ summaries per head (and per chunk, before the host sum). RoPE needs each channel
 partner ``2i <-> 2i+1``: it is loaded a second time at column ``d ^ 1`` (for the inverse
 turn of a matmul result, the matmul is repeated with the ``[D, D]`` operand's rows
 permuted the same way), so no register shuffles are needed. Everything is computed in
-fp32 (fp64 for fp64 inputs); fp32 matmuls honour ``torch.backends.cuda.matmul.allow_tf32``.
+fp32 (fp64 for fp64 inputs): every operand is upcast on load, so ``dot`` never needs to
+(``UPCAST`` False); fp32 matmuls honour ``torch.backends.cuda.matmul.allow_tf32``.
 
-Layers, as the other ops: ``@triton.jit`` kernels, host launchers, the autograd Function,
-the public function.
+Layers, as the other ops: ``@triton.jit`` kernels, host launchers, ``torch.library`` custom ops
+(fake and autograd registrations), the public function.
 """
-import contextlib
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from .._triton_common import acc_dtype as _acc_dtype
+from .. import _dispatch
+from .._triton_common import acc_dtype as _acc_dtype, dot as _dot, precision as _precision
 
 __all__ = ["linear_attention", "forward", "backward"]
 
 _BLOCK_N = 16  # tokens per block (see _num_warps)
+_BLOCK_K = 16  # rows of a [BD, BD] summary per dot step in _out_kernel and _bwd_rows_kernel (_rows_times)
 _TARGET_PROGRAMS = 512  # summary kernels: split N into chunks until about this many programs
 
 
@@ -68,11 +70,6 @@ def _turn(x, x_partner, cos_ptr, sin_ptr, offs_n, offs_d, N, D, INVERSE: tl.cons
     if INVERSE:
         sign = -sign
     return x * c + x_partner * (s * sign[None, :])
-
-
-@triton.jit
-def _dot(a, b, PREC: tl.constexpr):
-    return tl.dot(a, b, input_precision=PREC)
 
 
 @triton.jit
@@ -102,7 +99,7 @@ def _summary_kernel(
         if HAS_ROPE:
             kp = _load(k_ptr, offs_n, offs_d ^ 1, skn, skd, N, D, ACC)
             k = _turn(k, kp, cos_ptr, sin_ptr, offs_n, offs_d, N, D, False, ACC)
-        acc += _dot(tl.trans(k), v, PREC)
+        acc += _dot(tl.trans(k), v, ACC, PREC, False)
     base = pid_bh * nchunks + pid_c
     tl.store(kv_ptr + base * BLOCK_D * BLOCK_D + offs_d[:, None] * BLOCK_D + offs_d[None, :], acc)
     tl.store(ks_ptr + base * BLOCK_D + offs_d, ksum)
@@ -120,12 +117,38 @@ def _coefs(z, eps, MAGNITUDE: tl.constexpr):
 
 
 @triton.jit
+def _rows_times(x_ptr, sn, sd, cos_ptr, sin_ptr, m_ptr, offs_n, N, D, TURN: tl.constexpr, MODE: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
+                PREC: tl.constexpr):
+    """``x @ M'`` for the rows ``x`` at ``x_ptr`` (RoPE-turned if TURN) and a ``[BD, BD]`` summary
+    ``M`` read as ``M`` (MODE 0), ``M^T`` (1) or ``M^T`` with its columns permuted ``d -> d ^ 1``
+    (2), ``BLOCK_K`` rows of ``M'`` at a time: an FMA dot keeps its operand's whole K extent in each
+    thread's registers, which spilled kilobytes at BD = 128 (tools/gpu_readiness.py)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=ACC)
+    for kc in range(0, BLOCK_D, BLOCK_K):  # a loop: unrolled (static_range), every block's loads were hoisted
+        offs_k = kc + tl.arange(0, BLOCK_K)
+        x = _load(x_ptr, offs_n, offs_k, sn, sd, N, D, ACC)
+        if TURN:
+            xp = _load(x_ptr, offs_n, offs_k ^ 1, sn, sd, N, D, ACC)
+            x = _turn(x, xp, cos_ptr, sin_ptr, offs_n, offs_k, N, D, False, ACC)
+        if MODE == 0:
+            m = tl.load(m_ptr + offs_k[:, None] * BLOCK_D + offs_d[None, :])
+        elif MODE == 1:
+            m = tl.load(m_ptr + offs_d[None, :] * BLOCK_D + offs_k[:, None])
+        else:
+            m = tl.load(m_ptr + (offs_d[None, :] ^ 1) * BLOCK_D + offs_k[:, None])
+        acc += _dot(x, m, ACC, PREC, False)
+    return acc
+
+
+@triton.jit
 def _out_kernel(
         q_ptr, cos_ptr, sin_ptr, kv_ptr, km_ptr, vm_ptr, o_ptr, consts_ptr,
         N, D, NH,
         sqb, sqh, sqn, sqd, sob, soh, son, sod,
         HAS_ROPE: tl.constexpr, MAGNITUDE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        ACC: tl.constexpr, PREC: tl.constexpr,
+        BLOCK_K: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
 ):
     pid_bh, pid_n = tl.program_id(0), tl.program_id(1)
     scale, eps = tl.load(consts_ptr), tl.load(consts_ptr + 1)
@@ -134,16 +157,12 @@ def _out_kernel(
     q_ptr += b * sqb + h * sqh
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    mat = pid_bh * BLOCK_D * BLOCK_D + offs_d[:, None] * BLOCK_D + offs_d[None, :]
-    kv = tl.load(kv_ptr + mat)
     km = tl.load(km_ptr + pid_bh * BLOCK_D + offs_d)
     q = _load(q_ptr, offs_n, offs_d, sqn, sqd, N, D, ACC)
     z = scale * tl.sum(q * km[None, :], 1)
-    if HAS_ROPE:
-        qp = _load(q_ptr, offs_n, offs_d ^ 1, sqn, sqd, N, D, ACC)
-        q = _turn(q, qp, cos_ptr, sin_ptr, offs_n, offs_d, N, D, False, ACC)
     a, _ = _coefs(z, eps, MAGNITUDE)
-    out = _dot(q, kv, PREC) * a[:, None]
+    out = _rows_times(q_ptr, sqn, sqd, cos_ptr, sin_ptr, kv_ptr + pid_bh * BLOCK_D * BLOCK_D, offs_n, N, D, HAS_ROPE,
+                      0, BLOCK_N, BLOCK_D, BLOCK_K, ACC, PREC) * a[:, None]
     if MAGNITUDE:
         vm = tl.load(vm_ptr + pid_bh * BLOCK_D + offs_d)
         out -= z[:, None] * vm[None, :]
@@ -153,23 +172,20 @@ def _out_kernel(
 
 
 @triton.jit
-def _row_terms(q_ptr, g_ptr, cos_ptr, sin_ptr, kvt, km, vm, offs_n, offs_d, scale, eps,
-               sqn, sqd, sgn, sgd, N, D,
-               HAS_ROPE: tl.constexpr, MAGNITUDE: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
-    """Per-query forward quantities and ``dz`` (already times ``scale``) for a block of tokens."""
-    q = _load(q_ptr, offs_n, offs_d, sqn, sqd, N, D, ACC)
-    g = _load(g_ptr, offs_n, offs_d, sgn, sgd, N, D, ACC)
+def _row_terms(q_ptr, q, g, gk, cos_ptr, sin_ptr, km, vm, offs_n, offs_d, scale, eps, sqn, sqd, N, D,
+               HAS_ROPE: tl.constexpr, MAGNITUDE: tl.constexpr, ACC: tl.constexpr):
+    """Per-query forward quantities and ``dz`` (already times ``scale``) for a block of tokens, given
+    their ``q``, ``g`` and ``gk = g kv^T``."""
     z = scale * tl.sum(q * km[None, :], 1)
     qr = q
     if HAS_ROPE:
         qp = _load(q_ptr, offs_n, offs_d ^ 1, sqn, sqd, N, D, ACC)
         qr = _turn(q, qp, cos_ptr, sin_ptr, offs_n, offs_d, N, D, False, ACC)
     a, dadz = _coefs(z, eps, MAGNITUDE)
-    gk = _dot(g, kvt, PREC)
     dz = dadz * tl.sum(qr * gk, 1)
     if MAGNITUDE:
         dz -= tl.sum(g * vm[None, :], 1)
-    return q, g, z, qr, a, gk, dz * scale
+    return z, qr, a, dz * scale
 
 
 @triton.jit
@@ -197,9 +213,12 @@ def _bwd_summary_kernel(
     zg = tl.zeros((BLOCK_D,), dtype=ACC)
     for start in range(pid_c * CHUNK, tl.minimum(pid_c * CHUNK + CHUNK, N), BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
-        q, g, z, qr, a, gk, dz = _row_terms(q_ptr, g_ptr, cos_ptr, sin_ptr, kvt, km, vm, offs_n, offs_d, scale,
-                                            eps, sqn, sqd, sgn, sgd, N, D, HAS_ROPE, MAGNITUDE, ACC, PREC)
-        dkv += _dot(tl.trans(qr * a[:, None]), g, PREC)
+        q = _load(q_ptr, offs_n, offs_d, sqn, sqd, N, D, ACC)
+        g = _load(g_ptr, offs_n, offs_d, sgn, sgd, N, D, ACC)
+        gk = _dot(g, kvt, ACC, PREC, False)
+        z, qr, a, dz = _row_terms(q_ptr, q, g, gk, cos_ptr, sin_ptr, km, vm, offs_n, offs_d, scale, eps, sqn, sqd,
+                                  N, D, HAS_ROPE, MAGNITUDE, ACC)
+        dkv += _dot(tl.trans(qr * a[:, None]), g, ACC, PREC, False)
         dks += tl.sum(dz[:, None] * q, 0)
         zg += tl.sum(z[:, None] * g, 0)
     base = pid_bh * nchunks + pid_c
@@ -216,7 +235,7 @@ def _bwd_rows_kernel(
         sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sgb, sgh, sgn, sgd,
         sdb, sdh, sdn, sdd,
         HAS_ROPE: tl.constexpr, MAGNITUDE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        ACC: tl.constexpr, PREC: tl.constexpr, NEED_Q: tl.constexpr, NEED_KV: tl.constexpr,
+        BLOCK_K: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, NEED_Q: tl.constexpr, NEED_KV: tl.constexpr,
 ):
     pid_bh, pid_n = tl.program_id(0), tl.program_id(1)
     scale, eps = tl.load(consts_ptr), tl.load(consts_ptr + 1)
@@ -226,21 +245,23 @@ def _bwd_rows_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_n[:, None] < N) & (offs_d[None, :] < D)
     mat = pid_bh * BLOCK_D * BLOCK_D
-    rows = offs_d[None, :] * BLOCK_D + offs_d[:, None]  # transposed read: M^T
-    rows_p = (offs_d[None, :] ^ 1) * BLOCK_D + offs_d[:, None]  # M^T with columns permuted d -> d ^ 1
     vec = pid_bh * BLOCK_D + offs_d
     dst = b * sdb + h * sdh + offs_n[:, None] * sdn + offs_d[None, :] * sdd
     if NEED_Q:
         q_ptr += b * sqb + h * sqh
         g_ptr += b * sgb + h * sgh
-        kvt = tl.load(kv_ptr + mat + rows)
         km = tl.load(km_ptr + vec)
         vm = tl.load(vm_ptr + vec)
-        q, g, z, qr, a, gk, dz = _row_terms(q_ptr, g_ptr, cos_ptr, sin_ptr, kvt, km, vm, offs_n, offs_d, scale,
-                                            eps, sqn, sqd, sgn, sgd, N, D, HAS_ROPE, MAGNITUDE, ACC, PREC)
+        q = _load(q_ptr, offs_n, offs_d, sqn, sqd, N, D, ACC)
+        g = _load(g_ptr, offs_n, offs_d, sgn, sgd, N, D, ACC)
+        gk = _rows_times(g_ptr, sgn, sgd, cos_ptr, sin_ptr, kv_ptr + mat, offs_n, N, D, False, 1,
+                         BLOCK_N, BLOCK_D, BLOCK_K, ACC, PREC)
+        z, qr, a, dz = _row_terms(q_ptr, q, g, gk, cos_ptr, sin_ptr, km, vm, offs_n, offs_d, scale, eps, sqn, sqd,
+                                  N, D, HAS_ROPE, MAGNITUDE, ACC)
         dqr = gk * a[:, None]
         if HAS_ROPE:
-            dqr_p = _dot(g, tl.load(kv_ptr + mat + rows_p), PREC) * a[:, None]
+            dqr_p = _rows_times(g_ptr, sgn, sgd, cos_ptr, sin_ptr, kv_ptr + mat, offs_n, N, D, False, 2,
+                                BLOCK_N, BLOCK_D, BLOCK_K, ACC, PREC) * a[:, None]
             dqr = _turn(dqr, dqr_p, cos_ptr, sin_ptr, offs_n, offs_d, N, D, True, ACC)
         dq = dqr + dz[:, None] * km[None, :]
         tl.store(dq_ptr + dst, dq.to(dq_ptr.dtype.element_ty), mask=mask)
@@ -248,18 +269,16 @@ def _bwd_rows_kernel(
         k_ptr += b * skb + h * skh
         v_ptr += b * svb + h * svh
         w = scale / N
-        v = _load(v_ptr, offs_n, offs_d, svn, svd, N, D, ACC)
-        dkr = _dot(v, tl.load(dkv_ptr + mat + rows), PREC) * w
-        k = _load(k_ptr, offs_n, offs_d, skn, skd, N, D, ACC)
+        dkr = _rows_times(v_ptr, svn, svd, cos_ptr, sin_ptr, dkv_ptr + mat, offs_n, N, D, False, 1,
+                          BLOCK_N, BLOCK_D, BLOCK_K, ACC, PREC) * w
         if HAS_ROPE:
-            dkr_p = _dot(v, tl.load(dkv_ptr + mat + rows_p), PREC) * w
+            dkr_p = _rows_times(v_ptr, svn, svd, cos_ptr, sin_ptr, dkv_ptr + mat, offs_n, N, D, False, 2,
+                                BLOCK_N, BLOCK_D, BLOCK_K, ACC, PREC) * w
             dkr = _turn(dkr, dkr_p, cos_ptr, sin_ptr, offs_n, offs_d, N, D, True, ACC)
-            kp = _load(k_ptr, offs_n, offs_d ^ 1, skn, skd, N, D, ACC)
-            k = _turn(k, kp, cos_ptr, sin_ptr, offs_n, offs_d, N, D, False, ACC)
         dk = dkr + tl.load(dks_ptr + vec)[None, :] / N
         tl.store(dk_ptr + dst, dk.to(dk_ptr.dtype.element_ty), mask=mask)
-        dkv = tl.load(dkv_ptr + mat + offs_d[:, None] * BLOCK_D + offs_d[None, :])
-        dv = _dot(k, dkv, PREC) * w
+        dv = _rows_times(k_ptr, skn, skd, cos_ptr, sin_ptr, dkv_ptr + mat, offs_n, N, D, HAS_ROPE, 0,
+                         BLOCK_N, BLOCK_D, BLOCK_K, ACC, PREC) * w
         if MAGNITUDE:
             dv -= tl.load(zg_ptr + vec)[None, :] / N
         tl.store(dv_ptr + dst, dv.to(dv_ptr.dtype.element_ty), mask=mask)
@@ -267,19 +286,12 @@ def _bwd_rows_kernel(
 
 # --------------------------------------------------------------------------- launchers
 
-def _precision(dtype: torch.dtype) -> str:
-    # tf32 only where torch itself would use it for an fp32 matmul (the flag is off by default)
-    if dtype == torch.float64 or not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
-
-
 def _num_warps(block_d: int) -> int:
     """Every product is an fp32 FMA loop and the [BD, BD] summaries live in registers: 64-token
     blocks on 4 warps spilled kilobytes in all four kernels on sm_80 and sm_90
-    (tools/gpu_readiness.py); 16 tokens on 8 warps do not at BD = 64 (bar 4 bytes in
-    _bwd_rows_kernel on sm_90). At BD = 128 (D = 96) 16 warps still leave _out_kernel and
-    _bwd_rows_kernel spilling: that needs the summaries split by column blocks."""
+    (tools/gpu_readiness.py); 16 tokens on 8 warps do not at BD = 64, nor on 16 warps at BD = 128
+    (D = 96) once _out_kernel and _bwd_rows_kernel read their summaries in row blocks
+    (``_rows_times``). Still spilling: _bwd_summary_kernel, fp32 at BD = 128 on sm_90."""
     return 8 if block_d <= 64 else 16
 
 
@@ -314,14 +326,17 @@ def forward(q, k, v, cos, sin, scale, eps, magnitude_aware) -> Tuple[torch.Tenso
     kv = torch.empty((B * NH, nchunks, bd, bd), dtype=acc_torch, device=dev)
     ks = torch.empty((B * NH, nchunks, bd), dtype=acc_torch, device=dev)
     vs = torch.empty((B * NH, nchunks, bd), dtype=acc_torch, device=dev)
-    meta = dict(HAS_ROPE=cos is not None, BLOCK_N=_BLOCK_N, BLOCK_D=bd, ACC=acc, PREC=_precision(q.dtype),
+    # PREC from the accumulator dtype: every operand is upcast to it on load, so the dots are fp32
+    # (fp64) ones, TF32 only where torch would use it for an fp32 matmul
+    meta = dict(HAS_ROPE=cos is not None, BLOCK_N=_BLOCK_N, BLOCK_D=bd, ACC=acc, PREC=_precision(acc_torch),
                 num_warps=_num_warps(bd))
     _summary_kernel[(B * NH, nchunks)](k, v, cos, sin, kv, ks, vs, N, D, NH, chunk, *k.stride(), *v.stride(), **meta)
     kv = kv.sum(1).mul_(scale / N)
     km, vm = ks.sum(1).div_(N), vs.sum(1).div_(N)
     out = torch.empty(q.shape, dtype=q.dtype, device=dev)
     _out_kernel[(B * NH, blocks)](q, cos, sin, kv, km, vm, out, _consts(scale, eps, acc_torch, dev), N, D, NH,
-                                  *q.stride(), *out.stride(), MAGNITUDE=magnitude_aware, **meta)
+                                  *q.stride(), *out.stride(), MAGNITUDE=magnitude_aware, BLOCK_K=min(bd, _BLOCK_K),
+                                  **meta)
     return out, (kv, km, vm)
 
 
@@ -333,8 +348,7 @@ def backward(g, q, k, v, cos, sin, stats, scale, eps, magnitude_aware, need_q=Tr
     kv, km, vm = stats
     dev = q.device
     meta = dict(HAS_ROPE=cos is not None, MAGNITUDE=magnitude_aware, BLOCK_N=_BLOCK_N, BLOCK_D=bd, ACC=acc,
-                num_warps=_num_warps(bd),
-                PREC=_precision(q.dtype))
+                num_warps=_num_warps(bd), PREC=_precision(acc_torch))
     consts = _consts(scale, eps, acc_torch, dev)
     dkv = dks = zg = None
     if need_kv:
@@ -352,36 +366,74 @@ def backward(g, q, k, v, cos, sin, stats, scale, eps, magnitude_aware, need_q=Tr
     _bwd_rows_kernel[(B * NH, blocks)](
         q, k, v, g, cos, sin, kv, km, vm, dkv, dks, zg, dq, dk, dv, consts, N, D, NH,
         *q.stride(), *k.stride(), *v.stride(), *g.stride(), *(dq if need_q else dk).stride(),
-        NEED_Q=need_q, NEED_KV=need_kv, **meta)
+        NEED_Q=need_q, NEED_KV=need_kv, BLOCK_K=min(bd, _BLOCK_K), **meta)
     return dq, dk, dv
 
 
-# --------------------------------------------------------------------------- autograd
+# --------------------------------------------------------------------------- custom ops
+# The kernels run behind two ``torch.library`` custom ops with fake (shape) and autograd
+# registrations, so ``torch.compile`` traces ``linear_attention`` as two opaque nodes (as ``na2d``);
+# the same ops run under TRITON_INTERPRET=1 on CPU, where they are tested. Gradients nobody asked
+# for come back as empty tensors (custom ops return no None). Autocast is off inside, as the op's
+# forward (``__init__``): the backward may run under autocast.
 
-class _LinearAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, cos, sin, scale, eps, magnitude_aware):
-        out, stats = forward(q, k, v, cos, sin, scale, eps, magnitude_aware)
-        ctx.save_for_backward(q, k, v, cos, sin, *stats)
-        ctx.args = (scale, eps, magnitude_aware)
-        return out
+Tensor = torch.Tensor
+_NONE = (0,)
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g):
-        with torch.autocast(g.device.type, enabled=False) if torch.amp.is_autocast_available(g.device.type) \
-                else contextlib.nullcontext():  # as the forward (see ``__init__``)
-            return _LinearAttention._backward(ctx, g)
 
-    @staticmethod
-    def _backward(ctx, g):
-        q, k, v, cos, sin, *stats = ctx.saved_tensors
-        need_q, need_k, need_v = ctx.needs_input_grad[:3]
-        if not (need_q or need_k or need_v):
-            return (None,) * 8
-        dq, dk, dv = backward(g, q, k, v, cos, sin, stats, *ctx.args, need_q=need_q, need_kv=need_k or need_v)
-        return (dq if need_q else None, dk if need_k else None, dv if need_v else None,
-                None, None, None, None, None)
+@torch.library.custom_op("attnzoo::linear_attention_triton_fwd", mutates_args=())
+def _linear_fwd_op(q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor], sin: Optional[Tensor], scale: float,
+                   eps: float, magnitude_aware: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    with _dispatch.no_autocast(q.device.type):
+        out, (kv, km, vm) = forward(q, k, v, cos, sin, scale, eps, magnitude_aware)
+    return out, kv, km, vm
+
+
+@_linear_fwd_op.register_fake
+def _(q, k, v, cos, sin, scale, eps, magnitude_aware):
+    B, NH, _, D = q.shape
+    bd = max(16, triton.next_power_of_2(D))
+    acc = _acc_dtype(q.dtype)[1]
+    return (q.new_empty(q.shape), q.new_empty((B * NH, bd, bd), dtype=acc), q.new_empty((B * NH, bd), dtype=acc),
+            q.new_empty((B * NH, bd), dtype=acc))
+
+
+@torch.library.custom_op("attnzoo::linear_attention_triton_bwd", mutates_args=())
+def _linear_bwd_op(g: Tensor, q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor], sin: Optional[Tensor],
+                   kv: Tensor, km: Tensor, vm: Tensor, scale: float, eps: float, magnitude_aware: bool,
+                   need_q: bool, need_kv: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    with _dispatch.no_autocast(q.device.type):
+        grads = backward(g, q, k, v, cos, sin, (kv, km, vm), scale, eps, magnitude_aware, need_q, need_kv)
+    return tuple(q.new_empty(_NONE) if t is None else t for t in grads)
+
+
+@_linear_bwd_op.register_fake
+def _(g, q, k, v, cos, sin, kv, km, vm, scale, eps, magnitude_aware, need_q, need_kv):
+    empty = q.new_empty(_NONE)
+    return (q.new_empty(q.shape) if need_q else empty, q.new_empty(q.shape, dtype=k.dtype) if need_kv else empty,
+            q.new_empty(q.shape, dtype=v.dtype) if need_kv else empty)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cos, sin, scale, eps, magnitude_aware = inputs
+    _, *stats = output
+    ctx.mark_non_differentiable(*stats)
+    ctx.save_for_backward(q, k, v, cos, sin, *stats)
+    ctx.args = (scale, eps, magnitude_aware)
+
+
+def _backward(ctx, g, *_dstats):
+    q, k, v, cos, sin, *stats = ctx.saved_tensors
+    need_q, need_k, need_v = ctx.needs_input_grad[:3]
+    if not (need_q or need_k or need_v):  # the RoPE tables get no gradient from the fast backends
+        return (None,) * 8
+    dq, dk, dv = _linear_bwd_op(g, q, k, v, cos, sin, *stats, *ctx.args, need_q, need_k or need_v)
+    return (dq if need_q else None, dk if need_k else None, dv if need_v else None,
+            None, None, None, None, None)
+
+
+_linear_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+_dispatch.register_compile_traceable(__name__)
 
 
 # --------------------------------------------------------------------------- public
@@ -389,6 +441,4 @@ class _LinearAttention(torch.autograd.Function):
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: Optional[torch.Tensor],
                      sin: Optional[torch.Tensor], scale: float, eps: float, magnitude_aware: bool) -> torch.Tensor:
     """Same contract as ``reference.linear_attention`` (validated arguments; see ``__init__``)."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        return _LinearAttention.apply(q, k, v, cos, sin, float(scale), float(eps), bool(magnitude_aware))
-    return forward(q, k, v, cos, sin, float(scale), float(eps), bool(magnitude_aware))[0]
+    return _linear_fwd_op(q, k, v, cos, sin, float(scale), float(eps), bool(magnitude_aware))[0]

@@ -30,9 +30,9 @@ Low precision: ``P`` and ``dS`` are cast to the input dtype for their matmuls (a
 FlashAttention); accumulation is fp32 (fp64 for fp64 inputs, so the kernels can be
 checked tightly). All three kernels compile for sm_90 at D <= 128 in every dtype within its
 227 KiB of shared memory (fp32, D=128: 214 KiB, the largest). Layers as ``neighborhood/triton.py``: kernels, launchers,
-``torch.autograd.Function``, public ``bra``.
+``torch.library`` custom ops (fake and autograd registrations), public ``bra``.
 """
-from typing import Tuple
+from typing import List, Tuple
 
 import torch
 import triton
@@ -40,6 +40,7 @@ import triton.language as tl
 
 from .._triton_common import acc_dtype as _acc_dtype, dot as _dot, precision as _precision
 from .._triton_common import unit_last as _unit_last, upcast as _upcast
+from .. import _dispatch
 from .._dispatch import no_autocast
 from .reference import geometry
 
@@ -278,29 +279,63 @@ def backward(do, q, k, v, out, lse, idx, num_regions, scale):
     off, qreg = _inverse_routing(idx)
     _bwd_dkv_kernel[(nR * ntiles, B * NH)](
         q, k, v, do, lse, delta, dk, dv, off, qreg, scale_t, *geo, ntiles, nR, *strides,
-        # queries 32 at a time, 2 stages: its [keys, queries] softmax terms spilled on sm_80 at 64 / 3
-        **dict(meta, BLOCK_M=min(meta["BLOCK_M"], 32), num_stages=2))
+        # queries 32 at a time, 2 stages: its [keys, queries] softmax terms spilled on sm_80 at 64 / 3;
+        # 1 stage for fp32 (FMA dots) 16-token blocks, which spilled 8 bytes on sm_90 at 2 (1 at 32 on sm_80)
+        **dict(meta, BLOCK_M=min(meta["BLOCK_M"], 32),
+               num_stages=1 if q.dtype == torch.float32 and meta["BLOCK_N"] == 16 else 2))
     return dq, dk, dv
 
 
-# --------------------------------------------------------------------------- autograd
+# --------------------------------------------------------------------------- custom ops
+# The kernels run behind two ``torch.library`` custom ops with fake (shape) and autograd
+# registrations, so ``torch.compile`` traces ``bra`` as two opaque nodes (as ``na2d``); the same
+# ops run under TRITON_INTERPRET=1 on CPU, where they are tested. Autocast is off inside: the
+# backward's host code (``delta``) must run in the forward's precision (see ``bra`` in ``__init__``).
 
-class _BRA(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, idx, num_regions, scale):
-        out, lse = forward(q, k, v, idx, num_regions, scale)
-        ctx.save_for_backward(q, k, v, out, lse, idx)
-        ctx.geometry = (num_regions, scale)
-        return out
+Tensor = torch.Tensor
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, do):
-        q, k, v, out, lse, idx = ctx.saved_tensors
-        with no_autocast(do.device.type):  # as the forward (see ``bra`` in ``__init__``)
-            dq, dk, dv = backward(do, q, k, v, out, lse, idx, *ctx.geometry)
-        need = ctx.needs_input_grad
-        return dq if need[0] else None, dk if need[1] else None, dv if need[2] else None, None, None, None
+
+@torch.library.custom_op("attnzoo::bra_triton_fwd", mutates_args=())
+def _bra_fwd_op(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, num_regions: List[int],
+                scale: float) -> Tuple[Tensor, Tensor]:
+    with no_autocast(q.device.type):
+        return forward(q, k, v, idx, tuple(num_regions), scale)
+
+
+@_bra_fwd_op.register_fake
+def _(q, k, v, idx, num_regions, scale):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:4], dtype=_acc_dtype(q.dtype)[1])
+
+
+@torch.library.custom_op("attnzoo::bra_triton_bwd", mutates_args=())
+def _bra_bwd_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, idx: Tensor,
+                num_regions: List[int], scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+    with no_autocast(q.device.type):
+        return backward(do, q, k, v, out, lse, idx, tuple(num_regions), scale)
+
+
+@_bra_bwd_op.register_fake
+def _(do, q, k, v, out, lse, idx, num_regions, scale):
+    return q.new_empty(q.shape), q.new_empty(q.shape, dtype=k.dtype), q.new_empty(q.shape, dtype=v.dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, idx, num_regions, scale = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse, idx)
+    ctx.geometry = (num_regions, scale)
+
+
+def _backward(ctx, do, _dlse):
+    q, k, v, out, lse, idx = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dq, dk, dv = _bra_bwd_op(do, q, k, v, out, lse, idx, *ctx.geometry)
+    return dq if need[0] else None, dk if need[1] else None, dv if need[2] else None, None, None, None
+
+
+_bra_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+_dispatch.register_compile_traceable(__name__)
 
 
 # --------------------------------------------------------------------------- public
@@ -308,7 +343,4 @@ class _BRA(torch.autograd.Function):
 def bra(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, num_regions: Tuple[int, int],
         scale: float) -> torch.Tensor:
     """Routed attention on ``[B, H, W, heads, D]`` with routing ``idx`` ``[B, nR, topk]`` (see ``__init__``)."""
-    num_regions = tuple(num_regions)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        return _BRA.apply(q, k, v, idx, num_regions, float(scale))
-    return forward(q, k, v, idx, num_regions, scale)[0]
+    return _bra_fwd_op(q, k, v, idx, list(num_regions), float(scale))[0]
