@@ -22,9 +22,9 @@ at its bottom / right to one, which is exactly timm's result on the zero-padded 
 Stride 2 follows timm: with ``block_size % 2 == 0`` the queries are those of a
 stride-2 ``q`` conv (``block_size // 2`` queries per block side, still attending the
 full-resolution window), otherwise (or with ``avg_down``) full-resolution attention
-followed by ``AvgPool2d(2, 2)``. The op needs q at key resolution: the strided queries
-(and their biases) are placed on the full-resolution grid, attended, and the output is
-subsampled again.
+followed by ``AvgPool2d(2, 2)``. The strided queries go to the op as they are, with
+``query_stride=2`` (query ``r`` sits at key row ``2 r``), so they cost a quarter of
+full-resolution queries.
 """
 from typing import Optional, Tuple
 
@@ -156,17 +156,15 @@ class HaloAttention(nn.Module):
 
         q = self.q(x)  # [B, heads * dqk, ceil(H / s), ceil(W / s)]
         Hq, Wq = q.shape[-2:]
+        # permuted views of the NCHW conv outputs: the op returns the output and the gradients in
+        # its inputs' memory layout, so this layer hands NCHW-contiguous tensors on, forward and
+        # backward (split before the permute: its backward is then a cat of NCHW gradients)
         q = q.view(B, nh, dqk, Hq, Wq).permute(0, 3, 4, 1, 2)  # [B, Hq, Wq, heads, dqk]
-        k, v = self.kv(x).view(B, nh, dqk + dv, H, W).permute(0, 3, 4, 1, 2).split([dqk, dv], dim=-1)
+        k, v = (t.permute(0, 3, 4, 1, 2) for t in self.kv(x).view(B, nh, dqk + dv, H, W).split([dqk, dv], dim=2))
 
         rel_h, rel_w = self.pos_embed(q)  # block-local positions of the (strided) queries
         if self.scale_pos_embed:
             rel_h, rel_w = rel_h * self.scale, rel_w * self.scale
-        if s > 1:  # strided query r of a block sits at full-resolution row s * r of it
-            def up(t):
-                t = t.repeat_interleave(s, dim=1).repeat_interleave(s, dim=2)
-                return t[:, :H, :W]
-            q, rel_h, rel_w = up(q), up(rel_h), up(rel_w)
 
         # the op wants one head dim: zero channels change neither q . k nor (sliced off) the output
         d = max(dqk, dv)
@@ -174,10 +172,10 @@ class HaloAttention(nn.Module):
             q, k = F.pad(q, [0, d - dqk]), F.pad(k, [0, d - dqk])
         if dv < d:
             v = F.pad(v, [0, d - dv])
+        # strided query r of a block sits at full-resolution row s * r of it: the op's query stride
         out = na2d(q, k, v, self.win_size, stride=self.block_size, scale=self.scale, backend=self.backend,
-                   border="zero_pad", rel_h=rel_h, rel_w=rel_w)
+                   border="zero_pad", rel_h=rel_h, rel_w=rel_w, query_stride=s)
         out = out[..., :dv]
-        if s > 1:
-            out = out[:, ::s, ::s]
-        out = out.permute(0, 3, 4, 1, 2).reshape(B, self.dim_out_v, out.shape[1], out.shape[2])
+        # a view when the output is NCHW-laid (q was); contiguous() copies only odd sizes' crops
+        out = out.permute(0, 3, 4, 1, 2).reshape(B, self.dim_out_v, Hq, Wq).contiguous()
         return self.pool(out)

@@ -33,8 +33,11 @@ def axes(draw, border: str, max_len: int, max_kernel: int):
 
 
 @st.composite
-def cases(draw, dtypes=DTYPES, max_len: int = 18, max_kernel: int = 9, max_d: int = 16, autocast: bool = False):
-    """A case: ``(values, geometry kwargs, layouts, dtype, one_d, seed)``."""
+def cases(draw, dtypes=DTYPES, max_len: int = 18, max_kernel: int = 9, max_d: int = 16, autocast: bool = False,
+          query_stride: bool = False):
+    """A case: ``(values, geometry kwargs, layouts, dtype, one_d, seed)``. With ``query_stride`` (2-D
+    cases): a per-axis query stride in 1..4, q and rel_h / rel_w on its coarser grid; half the
+    time it divides the stride (the cpu backend's flash path with ``zero_pad``, HaloNet's case)."""
     one_d = draw(st.integers(0, 4)) == 0
     border = "clamp" if one_d else draw(st.sampled_from(nbh.BORDERS))
     ax_h = draw(axes(border, max_len, max_kernel))
@@ -43,15 +46,20 @@ def cases(draw, dtypes=DTYPES, max_len: int = 18, max_kernel: int = 9, max_d: in
     B, heads = draw(st.integers(1, 2)), draw(st.integers(1, 2))
     D = draw(st.sampled_from([x for x in (1, 2, 3, 4, 8, 16) if x <= max_d]))
     seed = draw(st.integers(0, 2 ** 16))
+    qs = (1, 1)
+    if query_stride and not one_d:
+        qs = tuple(draw(st.sampled_from([d for d in range(1, 5) if s % d == 0])) if draw(st.booleans())
+                   else draw(st.integers(1, 4)) for s in (sh, sw))
     shape = (B, H, W, heads, D)
-    values = {n: randn(shape, (n, seed)) for n in "qkv"}
+    q_shape = (B, -(-H // qs[0]), -(-W // qs[1]), heads, D)
+    values = {n: randn(q_shape if n == "q" else shape, (n, seed)) for n in "qkv"}
     present = {n: draw(st.booleans()) for n in BIASES}
     if present["rpb"]:
         values["rpb"] = randn((heads, 2 * kh - 1, 2 * kw - 1), ("rpb", seed), 0.5)
     if not one_d:
         for name, kk in (("rel_h", kh), ("rel_w", kw)):
             if present[name]:
-                values[name] = randn(shape[:-1] + (kk,), (name, seed), 0.5)
+                values[name] = randn(q_shape[:-1] + (kk,), (name, seed), 0.5)
     layouts = {n: draw(st.sampled_from(LAYOUTS)) for n in values}
     scale = draw(st.sampled_from([None, None, None, None, 0.0, -0.6, 1.3]))
     if one_d:
@@ -59,6 +67,8 @@ def cases(draw, dtypes=DTYPES, max_len: int = 18, max_kernel: int = 9, max_d: in
         geom = dict(kernel_size=kh, dilation=dh, stride=sh)
     else:
         geom = dict(kernel_size=(kh, kw), dilation=(dh, dw), stride=(sh, sw), border=border)
+        if query_stride:
+            geom["query_stride"] = qs
     geom["scale"] = scale
     dtype = torch.float32 if autocast else draw(st.sampled_from(dtypes))
     return values, geom, layouts, dtype, one_d, seed

@@ -374,7 +374,7 @@ def test_bad_inputs():
         nbh.na2d(x[0], x[0], x[0], 3)
     with pytest.raises(ValueError, match=r"\[B, L, heads, D\], got shape \(1, 8, 9, 2, 4\)"):
         nbh.na1d(x, x, x, 3)
-    with pytest.raises(ValueError, match=r"map \(8, 9\) of q \(1, 8, 9, 2, 4\) is smaller than kernel_size \* "
+    with pytest.raises(ValueError, match=r"map \(8, 9\) of k \(1, 8, 9, 2, 4\) is smaller than kernel_size \* "
                                          r"dilation \(9, 9\)"):
         nbh.na2d(x, x, x, 3, dilation=3)
     with pytest.raises(ValueError, match=r"map \(8, 9\) .* smaller .* \(9, 3\)"):

@@ -247,4 +247,120 @@ def test_halo_arguments_reach_every_backend(monkeypatch):
     nbh.na2d(x, x, x, 6, stride=4, border="zero_pad", backend="triton")
     nbh.na2d(x, x, x, 6, stride=4, border="zero_pad", rel_h=rel)
     nbh.na2d(x, x, x, 3)
-    assert calls == [("zero_pad", None, None), ("zero_pad", rel, None), ("clamp", None, None)]
+    assert calls == [("zero_pad", None, None, (1, 1)), ("zero_pad", rel, None, (1, 1)), ("clamp", None, None, (1, 1))]
+
+
+
+# --------------------------------------------------------------------------- query stride
+
+# (H, W, block, halo, query_stride): HaloNet's stride-2 blocks (timm's strided q conv), odd maps
+# (partial last blocks), a map smaller than a block, per-axis strides
+QS_CASES = [(16, 16, 8, 3, 2), (13, 10, 4, 1, 2), (9, 7, 4, 2, (2, 4)), (5, 3, 4, 2, 2), (11, 12, 6, 1, 3)]
+QS_IDS = [f"H{h}-W{w}-b{b}-halo{ha}-qs{qs}".replace(" ", "") for h, w, b, ha, qs in QS_CASES]
+
+
+def _qs_values(H, W, block, halo, qs, rel=True, rpb=False, seed=0):
+    qh, qw = _pair(qs)
+    win = block + 2 * halo
+    g = torch.Generator().manual_seed(seed)
+    q_shape = (2, -(-H // qh), -(-W // qw), 2, 8)
+    values = {"q": torch.randn(q_shape, generator=g, dtype=torch.float64)}
+    values.update({n: torch.randn(2, H, W, 2, 8, generator=g, dtype=torch.float64) for n in "kv"})
+    if rel:
+        values.update({n: torch.randn(q_shape[:-1] + (win,), generator=g, dtype=torch.float64) * 0.5
+                       for n in ("rel_h", "rel_w")})
+    if rpb:
+        values["rpb"] = torch.randn(2, 2 * win - 1, 2 * win - 1, generator=g, dtype=torch.float64) * 0.5
+    geom = dict(kernel_size=win, dilation=1, stride=block, border="zero_pad", scale=None, query_stride=qs)
+    return values, geom
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", QS_CASES, ids=QS_IDS)
+def test_query_stride_cpu_matches_reference(case, dtype):
+    """Forward and every gradient against the float64 reference: the flash path (with and without
+    rel terms; q and the rel terms in permuted / sliced layouts, as the layer passes them) and
+    the fallback (rpb)."""
+    from _neighborhood_cases import check
+    for rel, rpb, layouts in ((True, False, dict(q="permuted", rel_h="sliced", k="transposed")),
+                              (False, False, dict(v="sliced")), (True, True, {})):
+        values, geom = _qs_values(*case, rel=rel, rpb=rpb)
+        check((values, geom, layouts, dtype, False, 0), "cpu")
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("border", ["zero_pad", "clamp"])
+@pytest.mark.parametrize("case", QS_CASES, ids=QS_IDS)
+def test_query_stride_is_subsampled_full_resolution(case, border, backend):
+    """Independent oracle: query ``(i, j)`` at stride ``s`` is the full-resolution query at
+    ``(s i, s j)`` (q placed on the full grid, the output subsampled)."""
+    H, W, block, halo, qs = case
+    qh, qw = _pair(qs)
+    values, geom = _qs_values(*case)
+    if border == "clamp":  # NATTEN windows (every map here is >= 3 x 3): the cpu backend's fallback
+        geom.update(border="clamp", kernel_size=3, stride=(1, 2))
+        values["rel_h"], values["rel_w"] = values["rel_h"][..., :3], values["rel_w"][..., :3]
+    full = {}
+    for n in ("q", "rel_h", "rel_w"):
+        t = values[n]
+        full[n] = t.new_zeros((2, H, W) + t.shape[3:])
+        full[n][:, ::qh, ::qw] = t
+    got = nbh.na2d(values["q"], values["k"], values["v"], rel_h=values["rel_h"], rel_w=values["rel_w"],
+                   backend=backend, **geom)
+    want = nbh.na2d(full["q"], values["k"], values["v"], rel_h=full["rel_h"], rel_w=full["rel_w"],
+                    backend="reference", **dict(geom, query_stride=1))[:, ::qh, ::qw]
+    assert got.shape == want.shape
+    assert _rel_err(got, want) < 1e-12
+
+
+def test_cpu_gradcheck_query_stride():
+    values, geom = _qs_values(7, 6, 4, 1, 2)
+    names = list(values)
+    tensors = [values[n].requires_grad_(True) for n in names]
+
+    def f(*ts):
+        return nbh.na2d(**dict(zip(names, ts)), backend="cpu", **geom)
+    assert torch.autograd.gradcheck(f, tensors)
+
+
+def test_query_stride_output_and_gradients_keep_the_input_layout():
+    """The flash path returns the output in q's memory layout and each gradient in its input's, so
+    a layer that passes permuted NCHW conv outputs gets NCHW back (no format mixing downstream)."""
+    values, geom = _qs_values(16, 16, 8, 3, 2)
+    nchw = {n: t.permute(0, 3, 4, 1, 2).contiguous().permute(0, 3, 4, 1, 2).requires_grad_()
+            for n, t in values.items()}
+    y = nbh.na2d(**nchw, backend="cpu", **geom)
+    assert y.permute(0, 3, 4, 1, 2).is_contiguous()
+    grads = torch.autograd.grad(y, list(nchw.values()), torch.randn_like(y))
+    for n, g in zip(nchw, grads):  # dk / dv: crops of a halo-padded NCHW buffer
+        strides = g.permute(0, 3, 4, 1, 2).stride()
+        assert list(strides) == sorted(strides, reverse=True) and strides[-1] == 1, n
+
+
+def test_bad_query_stride():
+    k = torch.randn(1, 8, 9, 2, 4)
+    q = torch.randn(1, 4, 5, 2, 4)
+    nbh.na2d(q, k, k, 6, stride=4, border="zero_pad", query_stride=2)
+    with pytest.raises(ValueError, match=r"q of shape \(1, 4, 5, 2, 4\) \(the map \(8, 9\) at query_stride \(2, 2\)"):
+        nbh.na2d(q[:, :3], k, k, 6, stride=4, border="zero_pad", query_stride=2)
+    with pytest.raises(ValueError, match=r"q, k, v must have the same shape, got q \(1, 4, 5, 2, 4\)"):
+        nbh.na2d(q, k, k, 6, stride=4, border="zero_pad")
+    with pytest.raises(ValueError, match="query_stride must be >= 1, got 0"):
+        nbh.na2d(k, k, k, 6, stride=4, border="zero_pad", query_stride=0)
+    with pytest.raises(ValueError, match="query_stride must be an int or a tuple of 2 ints"):
+        nbh.na2d(k, k, k, 6, stride=4, border="zero_pad", query_stride=(2, 2, 2))
+    with pytest.raises(ValueError, match=r"rel_h must have shape .* \(1, 4, 5, 2, 6\)"):
+        nbh.na2d(q, k, k, 6, stride=4, border="zero_pad", query_stride=2, rel_h=torch.zeros(1, 8, 9, 2, 6))
+
+
+def test_triton_refuses_query_stride(monkeypatch):
+    """A capability of the dispatch: the Triton kernels have no query stride, and say so."""
+    from attnzoo.ops import _dispatch
+    monkeypatch.setattr(_dispatch, "can_run_triton", lambda ts, forced=False: None)
+    triton = next(b for b in nbh.BACKENDS if b.name == "triton")
+    k = torch.randn(1, 8, 9, 2, 4)
+    reason = triton.can_run([k[:, ::2, ::2], k, k], True)
+    assert reason is not None and "query_stride" in reason and "(1, 4, 5, 2, 4)" in reason
+    assert triton.can_run([k, k, k], True) is None
+    with pytest.raises(Exception, match="query_stride"):
+        nbh.na2d(k[:, ::2, ::2], k, k, 6, stride=4, border="zero_pad", query_stride=2, backend="triton")

@@ -2,7 +2,8 @@
 float64 reference, output and every gradient (q, k, v, rpb, rel_h, rel_w), on cases Hypothesis
 draws over
 
-- geometry: per-axis kernel, dilation and stride, both borders (``clamp`` / ``zero_pad``), with
+- geometry: per-axis kernel, dilation, stride and query stride (q on a coarser grid than k / v),
+  both borders (``clamp`` / ``zero_pad``), with
   weight on the degenerate corners: a map of size 1, kernel 1, a map one stride group wide,
   the window as large as the map, odd and uneven sizes;
 - biases: rpb, rel_h, rel_w each present or absent (rel terms with either border, dilation too);
@@ -28,7 +29,7 @@ from attnzoo.ops import neighborhood as nbh
 @pytest.mark.parametrize("n", sizes(600, 6000))
 def test_cpu_matches_reference(n):
     @settings_for(n)
-    @given(case=cases())
+    @given(case=cases(query_stride=True))
     def prop(case):
         check(case, "cpu")
     prop()
@@ -39,7 +40,7 @@ def test_cpu_autocast_bf16(n):
     """Under ``torch.autocast("cpu", torch.bfloat16)`` float32 inputs (rpb / rel terms included)
     are cast once to bf16: output in bf16, gradients back in float32, at bf16's tolerance."""
     @settings_for(n)
-    @given(case=cases(autocast=True))
+    @given(case=cases(autocast=True, query_stride=True))
     def prop(case):
         check(case, "cpu", autocast=torch.bfloat16)
     prop()
@@ -51,7 +52,7 @@ def test_reference_layouts(n):
     float32 / float64 only: in half precision it computes in half (a readable oracle, not a fast
     path), whose softmax-backward cancellations exceed the half tolerances."""
     @settings_for(n)
-    @given(case=cases(dtypes=(torch.float64, torch.float32), max_len=10, max_kernel=5))
+    @given(case=cases(dtypes=(torch.float64, torch.float32), max_len=10, max_kernel=5, query_stride=True))
     def prop(case):
         check(case, "reference")
     prop()
@@ -84,7 +85,7 @@ def test_float64_gradcheck(n):
     """torch.autograd.gradcheck of the reference and of the cpu backend (its own backward) on
     tiny maps: the oracle's gradients are the true derivatives, not just consistent ones."""
     @settings_for(n)
-    @given(case=cases(dtypes=(torch.float64,), max_len=4, max_kernel=4, max_d=2))
+    @given(case=cases(dtypes=(torch.float64,), max_len=4, max_kernel=4, max_d=2, query_stride=True))
     def prop(case):
         values, geom, _, _, one_d, _ = case
         names = list(values)

@@ -15,9 +15,10 @@ Backends (``backend=`` or ``$ATTNZOO_BACKEND``; default: the best that can run):
   ``[N, k^2]`` attention matrix never reaches global memory. Imported only when chosen.
 
 Every backend module exposes ``na2d(q, k, v, kernel_size, dilation, stride, rpb, scale,
-border, rel_h, rel_w)`` with validated arguments and per-axis tuples, and implements all of
+border, rel_h, rel_w, query_stride)`` with validated arguments and per-axis tuples, and implements all of
 it (HaloNet's ``border="zero_pad"`` and per-query ``rel_h`` / ``rel_w`` included), so the
-dispatch chooses by device alone; 1-D attention runs as 2-D (see ``na1d``).
+dispatch chooses by device alone; 1-D attention runs as 2-D (see ``na1d``). One exception:
+the Triton kernels have no query stride, and their ``can_run`` says so.
 
 Autocast: like ``torch.amp.custom_fwd(cast_inputs=...)``, the op casts its floating
 (non-float64) inputs once to the autocast dtype and runs the backend with autocast off, so
@@ -25,6 +26,7 @@ every backend sees one dtype in its forward and backward and returns that dtype;
 flow back to the callers' dtypes through the casts.
 """
 import contextlib
+import dataclasses
 import math
 from typing import Optional, Sequence, Tuple, Union
 
@@ -40,7 +42,18 @@ BORDERS = ("clamp", "zero_pad")
 _TRITON_MODULE = __name__ + ".triton"
 
 
-BACKENDS = _dispatch.standard_backends(reference, cpu, _TRITON_MODULE)
+def _can_run_triton(tensors, forced: bool = False) -> Optional[str]:
+    """The Triton kernels take queries at key resolution only (q's shape is k's): a query stride
+    is not in their tile plans (the dK / dV kernel's inverse neighborhoods assume it)."""
+    reason = _dispatch.can_run_triton(tensors, forced)
+    if reason is None and tensors[0].shape != tensors[1].shape:
+        return (f"triton backend does not implement query_stride > 1 (q {tuple(tensors[0].shape)} on a "
+                f"coarser grid than k {tuple(tensors[1].shape)})")
+    return reason
+
+
+BACKENDS = [dataclasses.replace(b, can_run=_can_run_triton) if b.name == "triton" else b
+            for b in _dispatch.standard_backends(reference, cpu, _TRITON_MODULE)]
 
 IntOrPair = Union[int, Tuple[int, int], Sequence[int]]
 
@@ -59,8 +72,11 @@ def _pair(op: str, name: str, value, n: int) -> Tuple[int, ...]:
     return out
 
 
-def _validate(op: str, q, k, v, kernel_size, dilation, stride, rpb, scale, n: int, border: str = "clamp"):
-    """Checks shared by na1d (n=1) and na2d (n=2); returns (kernel, dilation, stride, scale)."""
+def _validate(op: str, q, k, v, kernel_size, dilation, stride, rpb, scale, n: int, border: str = "clamp",
+              query_stride=1):
+    """Checks shared by na1d (n=1) and na2d (n=2); returns (kernel, dilation, stride, scale, query_stride).
+    An axis of length 1 gets query stride 1 (its one query sits at 0 either way), so q's shape
+    differs from k's exactly when a query stride is in effect."""
     if border not in BORDERS:
         raise ValueError(f"{op}: border must be one of {BORDERS}, got {border!r}")
     layout = "[B, L, heads, D]" if n == 1 else "[B, H, W, heads, D]"
@@ -69,9 +85,18 @@ def _validate(op: str, q, k, v, kernel_size, dilation, stride, rpb, scale, n: in
             raise ValueError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
         if t.dim() != n + 3:
             raise ValueError(f"{op}: {name} must be {layout}, got shape {tuple(t.shape)}")
-    if not (q.shape == k.shape == v.shape):
-        raise ValueError(f"{op}: q, k, v must have the same shape, got q {tuple(q.shape)}, "
+    qs = _pair(op, "query_stride", query_stride, n)
+    if any(x < 1 for x in qs):
+        raise ValueError(f"{op}: query_stride must be >= 1, got {query_stride}")
+    spatial = tuple(k.shape[1:1 + n])
+    q_spatial = tuple(-(-size // x) for size, x in zip(spatial, qs))
+    if k.shape != v.shape or tuple(q.shape) != (k.shape[0],) + q_spatial + tuple(k.shape[1 + n:]):
+        want = "the same shape" if q_spatial == spatial else \
+            f"k, v of one shape and q of shape {(k.shape[0],) + q_spatial + tuple(k.shape[1 + n:])} " \
+            f"(the map {spatial} at query_stride {qs}: ceil(size / query_stride))"
+        raise ValueError(f"{op}: q, k, v must have {want}, got q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    qs = tuple(1 if size == 1 else x for size, x in zip(spatial, qs))
     if not (q.dtype == k.dtype == v.dtype) or not q.is_floating_point():
         raise ValueError(f"{op}: q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
@@ -94,16 +119,15 @@ def _validate(op: str, q, k, v, kernel_size, dilation, stride, rpb, scale, n: in
     if any(s > kk for s, kk in zip(st, ks)):
         raise ValueError(f"{op}: stride must not exceed kernel_size (NATTEN's rule), "
                          f"got stride {stride} and kernel_size {kernel_size}")
-    spatial = tuple(q.shape[1:1 + n])
     if not zero_pad and any(size < kk * d for size, kk, d in zip(spatial, ks, dil)):
         need = tuple(kk * d for kk, d in zip(ks, dil))
-        raise ValueError(f"{op}: the map {spatial} of q {tuple(q.shape)} is smaller than kernel_size * dilation "
+        raise ValueError(f"{op}: the map {spatial} of k {tuple(k.shape)} is smaller than kernel_size * dilation "
                          f"{need} (kernel_size {kernel_size}, dilation {dilation}); pad it first")
     heads = q.shape[-2]
     if rpb is not None:
         _check_bias(op, "rpb", rpb, q, (heads,) + tuple(2 * kk - 1 for kk in ks),
                     f"[heads, 2k-1{', 2k-1' if n == 2 else ''}]", f" and kernel_size {kernel_size}")
-    return ks, dil, st, _scale(op, scale, q)
+    return ks, dil, st, _scale(op, scale, q), qs
 
 
 def _scale(op: str, scale, q: torch.Tensor) -> float:
@@ -156,11 +180,12 @@ def _autocast(q, *tensors):
 def na2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: IntOrPair, dilation: IntOrPair = 1,
          stride: IntOrPair = 1, rpb: Optional[torch.Tensor] = None, scale: Optional[float] = None,
          backend: Optional[str] = None, border: str = "clamp", rel_h: Optional[torch.Tensor] = None,
-         rel_w: Optional[torch.Tensor] = None) -> torch.Tensor:
+         rel_w: Optional[torch.Tensor] = None, query_stride: IntOrPair = 1) -> torch.Tensor:
     """2-D neighborhood attention.
 
     Args:
-        q, k, v: ``[B, H, W, heads, D]`` (NATTEN's layout; any strides).
+        q, k, v: ``[B, H, W, heads, D]`` (NATTEN's layout; any strides); with a query stride
+            q is ``[B, ceil(H / qh), ceil(W / qw), heads, D]``.
         kernel_size: odd window size, int or ``(kh, kw)`` (any size >= 1 with ``border="zero_pad"``).
         dilation: sub-grid step, int or pair; ``H >= kh * dh`` and ``W >= kw * dw`` (clamp only).
         stride: queries of an ``sh x sw`` group share the group centre's window; ``<= kernel_size``.
@@ -177,18 +202,24 @@ def na2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: IntOrPa
             (not scaled); differentiable. HaloNet's relative position embedding is mapped onto
             them by ``attnzoo.layers.halo.HaloPosEmbedRel`` (derivation: README.md, section
             "HaloNet mode", "Relation to timm's HaloAttn").
+        query_stride: ``(qh, qw)``, int or pair: queries on a coarser grid than the keys; query
+            ``(i, j)`` sits at key-map position ``(i * qh, j * qw)`` and attends its window
+            (HaloNet's stride-2 blocks: ``stride=b, query_stride=2``, q from a strided conv).
+            rel_h, rel_w and the output are on q's grid. Not in the Triton kernels (its
+            ``can_run`` says so; the cpu backend runs it).
         rpb, rel_h, rel_w must have q's dtype (under autocast all are cast to its dtype first).
 
-    Returns ``[B, H, W, heads, D]`` in q's dtype (the autocast dtype under autocast).
+    Returns q's shape ``[B, Hq, Wq, heads, D]`` in q's dtype (the autocast dtype under autocast).
     """
     (q, k, v, rpb, rel_h, rel_w), no_autocast = _autocast(q, k, v, rpb, rel_h, rel_w)
-    ks, dil, st, scale = _validate("na2d", q, k, v, kernel_size, dilation, stride, rpb, scale, 2, border)
+    ks, dil, st, scale, qs = _validate("na2d", q, k, v, kernel_size, dilation, stride, rpb, scale, 2, border,
+                                       query_stride)
     _validate_rel("na2d", "rel_h", rel_h, q, ks[0])
     _validate_rel("na2d", "rel_w", rel_w, q, ks[1])
     chosen = _dispatch.choose_backend("na2d", BACKENDS, [t for t in (q, k, v, rpb, rel_h, rel_w) if t is not None],
                                       backend)
     with no_autocast:
-        return chosen.impl.na2d(q, k, v, ks, dil, st, rpb, scale, border, rel_h, rel_w)
+        return chosen.impl.na2d(q, k, v, ks, dil, st, rpb, scale, border, rel_h, rel_w, qs)
 
 
 def na1d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: IntOrPair, dilation: IntOrPair = 1,
@@ -200,9 +231,9 @@ def na1d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: IntOrPa
     height axis, whose key halos the CPU backend never copies).
     """
     (q, k, v, rpb), no_autocast = _autocast(q, k, v, rpb)
-    ks, dil, st, scale = _validate("na1d", q, k, v, kernel_size, dilation, stride, rpb, scale, 1)
+    ks, dil, st, scale, _ = _validate("na1d", q, k, v, kernel_size, dilation, stride, rpb, scale, 1)
     chosen = _dispatch.choose_backend("na1d", BACKENDS, [t for t in (q, k, v, rpb) if t is not None], backend)
     with no_autocast:
         out = chosen.impl.na2d(q.unsqueeze(2), k.unsqueeze(2), v.unsqueeze(2), (ks[0], 1), (dil[0], 1), (st[0], 1),
-                               None if rpb is None else rpb.unsqueeze(-1), scale, "clamp", None, None)
+                               None if rpb is None else rpb.unsqueeze(-1), scale, "clamp", None, None, (1, 1))
     return out.squeeze(2)

@@ -36,7 +36,8 @@ CPU flash kernels with ``rel_h`` / ``rel_w`` carried as extra q / k channels aga
 one-hot key positions: ``_HaloFlash`` (zero padding; own backward) or ``_blocked_sdpa``
 (clamped windows; autograd). With rpb it is one batched matmul per block with additive
 terms, plain differentiable torch. ``rel_h`` / ``rel_w`` with dilation > 1 (clamp) run
-the reference.
+the reference. A query stride (q on a coarser grid) runs on ``_HaloFlash`` when it divides the
+stride (query blocks of ``s / qs`` per side, HaloNet's stride-2 blocks), else the reference.
 
 Half-precision inputs are computed in float32 and cast back. Non-finite values in
 ``k`` / ``v`` can reach other queries of the same tile (``0 * inf``), which the
@@ -213,12 +214,13 @@ class _Plan:
             self._masks[key] = m
         return m
 
-    def drpb(self, ds_t: Tensor, B: int, heads: int) -> Tensor:
-        """rpb gradient from ``dS^T`` ([N, lk, lq]): summed over batch, sub-grids and tiles,
-        folded by key - query offset. Masked pairs (clamped in ``rel``) have ``dS == 0``
-        exactly, so they add nothing."""
-        e = ds_t.view(B, heads, -1, self.lk * self.lq).sum(2).sum(0)  # ~10x faster than sum((0, 2))
-        e = e.view(heads, self.lk, self.lq).transpose(1, 2).reshape(heads, -1)
+    def drpb(self, ds: Tensor, B: int, heads: int, transposed: bool = True) -> Tensor:
+        """rpb gradient from contiguous ``dS`` ([N, lq, lk]; ``transposed``: ``dS^T``, [N, lk, lq]):
+        summed over batch, sub-grids and tiles, folded by key - query offset. Masked pairs
+        (clamped in ``rel``) have ``dS == 0`` exactly, so they add nothing."""
+        e = ds.view(B, heads, -1, self.lk * self.lq).sum(2).sum(0)  # ~10x faster than sum((0, 2))
+        if transposed:
+            e = e.view(heads, self.lk, self.lq).transpose(1, 2).reshape(heads, -1)
         kh2, kw2 = 2 * self.h.k - 1, 2 * self.w.k - 1
         out = e.new_zeros(heads, kh2 * kw2)
         out.index_add_(1, self.rel_flat, e)
@@ -473,9 +475,18 @@ def _compute_dtype(dtype):
 
 
 class _TiledNA(torch.autograd.Function):
-    """Works with transposed logits ``S^T = K_halo Q_tile^T`` ([N, lk, lq]): with D = 32 and
-    16-query tiles, MKL's batched gemm runs the NN / TN products this layout needs about
-    25% faster than the NT products of ``S = Q K^T`` (and ``dP = dO V^T``)."""
+    """Logits layout per tile shape. With ``lq`` a multiple of 16 (the AVX-512 fp32 width):
+    transposed logits ``S^T = K_halo Q_tile^T`` ([N, lk, lq]); MKL's batched gemm runs the
+    NN / TN products this layout needs about 25% faster than the NT products of ``S = Q K^T``
+    (and ``dP = dO V^T``), and the softmax over dim 1 vectorises along ``lq``. Other ``lq``
+    (e.g. NAT-Tiny's 5 x 14 tiles at 14 x 14) keep ``S`` ([N, lq, lk]): there the softmax over
+    dim 1 takes 1.5-2x a last-dim one and outweighs the gemm gain (14 x 14 stage: -12 to -17%
+    forward + backward). The backward reads ``P^T`` / ``dS^T`` as transposed views either way.
+
+    Torch's fused CPU flash kernels (``_HaloFlash``'s forward and backward) were tried here:
+    at NAT-Tiny shapes the forward is ~25% faster, but the flash backward alone takes 2-3x
+    this whole backward (~6x its own forward), before the rpb gradient, which needs ``dS``
+    recomputed on top (the aten backward returns no mask gradient)."""
 
     @staticmethod
     def forward(ctx, q, k, v, rpb, plan, scale):
@@ -486,24 +497,25 @@ class _TiledNA(torch.autograd.Function):
         qt = qt.view(N, plan.lq, D)
         kb, vb = _pack_keys(k, plan, cdt), _pack_keys(v, plan, cdt)
         kh, vh = _halos(kb, plan, N, D), _halos(vb, plan, N, D)
-        s_t = torch.bmm(kh, qt.transpose(1, 2).contiguous())  # [N, lk, lq]
-        mask = plan.mask(rpb, cdt, transposed=True)
+        tr = plan.lq % 16 == 0
+        s = torch.bmm(kh, qt.transpose(1, 2).contiguous()) if tr else torch.bmm(qt, kh.transpose(1, 2))
+        mask = plan.mask(rpb, cdt, transposed=tr)
         if mask is not None:
-            s_t.view(B, heads, plan.h.d, plan.w.d, -1, plan.lk, plan.lq).add_(mask)
-        p_t = torch.softmax(s_t, 1)
-        del s_t
-        o = torch.bmm(p_t.transpose(1, 2), vh)  # [N, lq, D]
+            s.view(B, heads, plan.h.d, plan.w.d, -1, *s.shape[1:]).add_(mask)
+        p = torch.softmax(s, 1 if tr else 2)
+        del s
+        o = torch.bmm(p.transpose(1, 2) if tr else p, vh)  # [N, lq, D]
         out = _unpack_queries(o, plan, q.shape, q.dtype)
-        ctx.plan, ctx.scale, ctx.shape = plan, scale, q.shape
+        ctx.plan, ctx.scale, ctx.shape, ctx.tr = plan, scale, q.shape, tr
         ctx.dtypes = (q.dtype, k.dtype, v.dtype, None if rpb is None else rpb.dtype)
-        ctx.save_for_backward(qt, kb, vb, p_t, o)
+        ctx.save_for_backward(qt, kb, vb, p, o)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dout):
-        qt, kb, vb, p_t, o = ctx.saved_tensors
-        plan, scale, shape = ctx.plan, ctx.scale, ctx.shape
+        qt, kb, vb, p, o = ctx.saved_tensors
+        plan, scale, shape, tr = ctx.plan, ctx.scale, ctx.shape, ctx.tr
         B, H, W, heads, D = shape
         N = qt.shape[0]
         cdt = qt.dtype
@@ -511,16 +523,21 @@ class _TiledNA(torch.autograd.Function):
         do = _pack_queries(dout, plan, cdt).view(N, plan.lq, D)
         dq = dk = dv = drpb = None
         if ctx.needs_input_grad[2]:
-            dv = _unpack_keys(_halo_grad(vb, plan, p_t, do, D), plan, shape, ctx.dtypes[2])
-        delta = (do * o).sum(-1).unsqueeze(1)  # [N, 1, lq]
-        ds_t = torch.bmm(vh, do.transpose(1, 2).contiguous()).sub_(delta).mul_(p_t)  # dS^T
-        del p_t
+            dv = _unpack_keys(_halo_grad(vb, plan, p if tr else p.transpose(1, 2), do, D), plan, shape,
+                              ctx.dtypes[2])
+        delta = (do * o).sum(-1)  # [N, lq]
+        if tr:  # dS^T
+            ds = torch.bmm(vh, do.transpose(1, 2).contiguous()).sub_(delta.unsqueeze(1)).mul_(p)
+        else:  # dS
+            ds = torch.bmm(do, vh.transpose(1, 2)).sub_(delta.unsqueeze(2)).mul_(p)
+        del p
+        ds_t = ds if tr else ds.transpose(1, 2)  # [N, lk, lq]
         if ctx.needs_input_grad[0]:
             dq = _unpack_queries(torch.bmm(ds_t.transpose(1, 2), kh), plan, shape, ctx.dtypes[0], scale)
         if ctx.needs_input_grad[1]:
             dk = _unpack_keys(_halo_grad(kb, plan, ds_t, qt, D), plan, shape, ctx.dtypes[1])
         if ctx.needs_input_grad[3]:
-            drpb = plan.drpb(ds_t, B, heads).to(ctx.dtypes[3])
+            drpb = plan.drpb(ds, B, heads, transposed=tr).to(ctx.dtypes[3])
         return dq, dk, dv, drpb, None, None
 
 
@@ -539,6 +556,18 @@ def _sdpa_forward(q, k, v, rpb, plan, scale):
     return _unpack_queries(o, plan, q.shape, q.dtype)
 
 
+def _reference_na2d(q, k, v, kernel_size, dilation, stride, rpb, scale, border, rel_h, rel_w, query_stride):
+    """Geometries without a fast path (clamp + rel terms + dilation; a query stride that does not
+    divide the stride, or off HaloNet's flash path): the reference under autograd, in float32 for
+    half inputs like every other path here (bf16 sums lose the rpb gradient)."""
+    from . import reference
+    cdt = _compute_dtype(q.dtype)
+    args = [None if t is None else t.to(cdt) for t in (q, k, v, rpb, rel_h, rel_w)]
+    out = reference.na2d(*args[:3], kernel_size, dilation, stride, args[3], scale, border, *args[4:],
+                         query_stride=query_stride)
+    return out.to(q.dtype)
+
+
 def _group_windows(length: int, k: int, s: int, border: str):
     """Per axis: number of stride groups ``ng`` and each group's window start ``[ng]``
     (map index; may be out of the map for ``zero_pad``). Dilation 1."""
@@ -551,21 +580,26 @@ def _group_windows(length: int, k: int, s: int, border: str):
     return ng, torch.tensor(starts, dtype=torch.long)
 
 
-def _blocked_na2d(q, k, v, kernel_size, stride, rpb, scale, border, rel_h, rel_w):
-    """HaloNet-style blocked attention (dilation 1): see the module docstring."""
-    B, H, W, heads, D = q.shape
+def _blocked_na2d(q, k, v, kernel_size, stride, rpb, scale, border, rel_h, rel_w, query_stride=(1, 1)):
+    """HaloNet-style blocked attention (dilation 1): see the module docstring. With a query stride
+    (dividing the stride) only the flash path is implemented; None elsewhere (caller falls back)."""
+    B, H, W, heads, D = k.shape
     (kh, kw), (sh, sw) = kernel_size, stride
     cdt = _compute_dtype(q.dtype)
     ngh, st_h = _group_windows(H, kh, sh, border)
     ngw, st_w = _group_windows(W, kw, sw, border)
     # zero padding of K / V so that every window lies inside
-    ph0 = max(0, -int(st_h.min()))
-    ph1 = max(0, int(st_h.max()) + kh - H)
-    pw0 = max(0, -int(st_w.min()))
-    pw1 = max(0, int(st_w.max()) + kw - W)
+    # window starts are non-decreasing: first and last are the extremes
+    ph0 = max(0, -int(st_h[0]))
+    ph1 = max(0, int(st_h[-1]) + kh - H)
+    pw0 = max(0, -int(st_w[0]))
+    pw1 = max(0, int(st_w[-1]) + kw - W)
     if rpb is None and border == "zero_pad" and (ngh - 1) * sh + kh == H + ph0 + ph1 \
             and (ngw - 1) * sw + kw == W + pw0 + pw1:
-        return _HaloFlash.apply(q, k, v, rel_h, rel_w, (kh, kw), (sh, sw), (ph0, ph1, pw0, pw1), scale)
+        return _HaloFlash.apply(q, k, v, rel_h, rel_w, (kh, kw), (sh, sw), (ph0, ph1, pw0, pw1), scale,
+                                tuple(query_stride))
+    if tuple(query_stride) != (1, 1):
+        return None
     idx_h = st_h[:, None] + ph0 + torch.arange(kh)  # [ngh, kh] rows of the padded map
     idx_w = st_w[:, None] + pw0 + torch.arange(kw)  # [ngw, kw]
     kv = torch.stack((k, v)).to(cdt)  # [2, B, H, W, heads, D]
@@ -650,86 +684,118 @@ class _HaloFlash(torch.autograd.Function):
 
     Same trick as ``_blocked_sdpa`` (relative logits as extra channels against one-hot
     key positions), but with the buffers built by hand: q / k / v are copied once into
-    fresh ``[blocks, heads, L, E]`` buffers (``_to_blocks``, ``_windows``), the flash
+    fresh ``[blocks, heads, L, E]`` buffers (``_put_blocks``, ``_windows``), the flash
     forward keeps only the output and its log-sum-exp, and the backward folds the window
     gradients of K / V back with a few strided adds instead of autograd's zero-filled
     ``unfold`` / ``select`` / ``pad`` backwards. The kernel runs with scale 1 on a pre-scaled
-    q, so the relative logits need no ``1 / scale`` (any finite scale, 0 included)."""
+    q, so the relative logits need no ``1 / scale`` (any finite scale, 0 included).
+
+    The output and every gradient are laid out in memory like the tensor they belong to
+    (``_layout``): a layer that hands in permuted NCHW conv outputs gets NCHW back, which
+    keeps the rest of the network in one memory format (a BatchNorm backward whose input and
+    gradient differ in format runs 5-8x slower on CPU)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, rel_h, rel_w, kernel_size, stride, pads, scale):
-        B, H, W, heads, D = q.shape
+    def forward(ctx, q, k, v, rel_h, rel_w, kernel_size, stride, pads, scale, query_stride):
+        B, H, W, heads, D = k.shape
+        Hq, Wq = q.shape[1:3]
         (kh, kw), (sh, sw) = kernel_size, stride
+        # a block's queries on q's grid: stride / query_stride per side (the query stride divides it)
+        qb = (sh // query_stride[0], sw // query_stride[1])
+        ngh, ngw = -(-H // sh), -(-W // sw)
         cdt = _compute_dtype(q.dtype)
         E = D + (kh if rel_h is not None else 0) + (kw if rel_w is not None else 0)
-        qa = _to_blocks(q, (sh, sw), E, cdt, scale)
+        qa = torch.empty((B * ngh * ngw, heads, qb[0] * qb[1], E), dtype=cdt)
+        _put_blocks(qa[..., :D], q, qb, scale)
         c, onehots = D, []
         for rel, n, rows in ((rel_h, kh, True), (rel_w, kw, False)):
             if rel is not None:
-                qa[..., c:c + n] = _to_blocks(rel, (sh, sw), n, cdt)
+                _put_blocks(qa[..., c:c + n], rel, qb)
                 onehots.append(_key_positions(kh, kw, rows, cdt))
                 c += n
         ka = _windows(k, kernel_size, stride, pads, E, cdt, torch.cat(onehots, 1) if onehots else None)
         va = _windows(v, kernel_size, stride, pads, E, cdt)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qa, ka, va, scale=1.0)
         ctx.save_for_backward(qa, ka, va, out, lse)
-        ctx.geom = (B, H, W, heads, D, kernel_size, stride, pads, scale, q.dtype, rel_h is not None,
+        ctx.geom = (B, H, W, Hq, Wq, heads, D, kernel_size, stride, qb, pads, scale, q.dtype, rel_h is not None,
                     rel_w is not None)
-        return _from_blocks(out[..., :D], (B, H, W), (sh, sw)).to(q.dtype)
+        ctx.layouts = tuple(None if t is None else _layout(t) for t in (q, k, v, rel_h, rel_w))
+        return _from_blocks(out[..., :D], (B, Hq, Wq), qb, ctx.layouts[0], q.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dout):
         qa, ka, va, out, lse = ctx.saved_tensors
-        B, H, W, heads, D, (kh, kw), (sh, sw), (ph0, ph1, pw0, pw1), scale, dtype, has_h, has_w = ctx.geom
+        (B, H, W, Hq, Wq, heads, D, (kh, kw), (sh, sw), qb, (ph0, ph1, pw0, pw1), scale, dtype, has_h,
+         has_w) = ctx.geom
         E = qa.shape[-1]
-        do = _to_blocks(dout, (sh, sw), E, qa.dtype)
+        do = torch.empty_like(qa)
+        do[..., D:].zero_()
+        _put_blocks(do[..., :D], dout, qb)
         dqa, dka, dva = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             do, qa, ka, va, out, lse, 0.0, False, scale=1.0)
         ngh, ngw = -(-H // sh), -(-W // sw)
 
         ch, cw = -(-kh // sh), -(-kw // sw)
 
-        def fold(g):  # [n, heads, kh * kw, E] window grads -> [B, H, W, heads, D], overlaps summed
+        def fold(g, layout):  # [n, heads, kh * kw, E] window grads -> [B, H, W, heads, D], overlaps summed
             # windows start every (sh, sw): window rows [i*sh, (i+1)*sh) of block g land on padded
             # block row g + i, so ch * cw strided adds do it (3-4x faster than permute + col2im)
             gw = g[..., :D].view(B, ngh, ngw, heads, kh, kw, D)
-            out = g.new_zeros(B, ngh + ch, sh, ngw + cw, sw, heads, D)
+            full = _empty(layout, (B, (ngh + ch) * sh, (ngw + cw) * sw, heads, D), g.dtype)
+            out = full.view(B, ngh + ch, sh, ngw + cw, sw, heads, D)
+            # the first window part covers blocks [0, ngh) x [0, ngw) whole when k >= s: copy it
+            # there and zero only the rest (one pass less than zero-fill + add)
+            first = kh >= sh and kw >= sw
+            if first:
+                out[:, ngh:].zero_()
+                out[:, :ngh, :, ngw:].zero_()
+            else:
+                full.zero_()
             for i in range(ch):
                 a0, ah = i * sh, min(sh, kh - i * sh)
                 for j in range(cw):
                     b0, bw = j * sw, min(sw, kw - j * sw)
-                    out[:, i:i + ngh, :ah, j:j + ngw, :bw] += \
-                        gw[:, :, :, :, a0:a0 + ah, b0:b0 + bw].permute(0, 1, 4, 2, 5, 3, 6)
-            out = out.view(B, (ngh + ch) * sh, (ngw + cw) * sw, heads, D)
-            return out[:, ph0:ph0 + H, pw0:pw0 + W].to(dtype)
+                    part = gw[:, :, :, :, a0:a0 + ah, b0:b0 + bw].permute(0, 1, 4, 2, 5, 3, 6)
+                    if first and i == j == 0:
+                        out[:, :ngh, :, :ngw].copy_(part)
+                    else:
+                        out[:, i:i + ngh, :ah, j:j + ngw, :bw] += part
+            return full[:, ph0:ph0 + H, pw0:pw0 + W].to(dtype)
 
-        size = (B, H, W)
+        size, (lq, lk, lv, lh, lw) = (B, Hq, Wq), ctx.layouts
         need = ctx.needs_input_grad
-        dq = (_from_blocks(dqa[..., :D], size, (sh, sw)) * scale).to(dtype) if need[0] else None
-        dk = fold(dka) if need[1] else None
-        dv = fold(dva) if need[2] else None
-        drh = _from_blocks(dqa[..., D:D + kh], size, (sh, sw)).to(dtype) if has_h and need[3] else None
+        dq = _from_blocks(dqa[..., :D], size, qb, lq, dtype, scale) if need[0] else None
+        dk = fold(dka, lk) if need[1] else None
+        dv = fold(dva, lv) if need[2] else None
+        drh = _from_blocks(dqa[..., D:D + kh], size, qb, lh, dtype) if has_h and need[3] else None
         c = D + (kh if has_h else 0)
-        drw = _from_blocks(dqa[..., c:c + kw], size, (sh, sw)).to(dtype) if has_w and need[4] else None
-        return dq, dk, dv, drh, drw, None, None, None, None
+        drw = _from_blocks(dqa[..., c:c + kw], size, qb, lw, dtype) if has_w and need[4] else None
+        return dq, dk, dv, drh, drw, None, None, None, None, None
 
 
-def _to_blocks(x, stride, E, dtype, scale: float = 1.0):
-    """[B, H, W, heads, c] -> query blocks [B * ngh * ngw, heads, sh * sw, E] in ``dtype``, times
-    ``scale``: a fresh buffer (callers write into it), zero past the map and in channels >= c."""
+def _layout(x: Tensor) -> Tuple[int, ...]:
+    """x's dims from outermost to innermost in memory (ties in logical order)."""
+    return tuple(sorted(range(x.dim()), key=lambda d: -x.stride(d)))
+
+
+def _empty(layout: Tuple[int, ...], shape, dtype) -> Tensor:
+    """An empty CPU tensor of ``shape`` whose dims lie in memory in the order ``layout`` (``_layout``)."""
+    buf = torch.empty([shape[d] for d in layout], dtype=dtype)
+    return buf.permute([layout.index(d) for d in range(len(layout))])
+
+
+def _put_blocks(dst: Tensor, x: Tensor, block, scale: float = 1.0) -> None:
+    """Writes the map ``x`` [B, H, W, heads, c] into ``dst`` [B * ngh * ngw, heads, bh * bw, c] (query
+    blocks; a channel slice of a block buffer) in one pass, with the cast and ``scale``; block
+    positions past the map get zeros."""
     B, H, W, heads, c = x.shape
-    sh, sw = stride
-    ngh, ngw = -(-H // sh), -(-W // sw)
-    x = F.pad(x, (0, E - c, 0, 0, 0, ngw * sw - W, 0, ngh * sh - H))
-    x = x.view(B, ngh, sh, ngw, sw, heads, E).permute(0, 1, 3, 5, 2, 4, 6)
-    out = torch.empty((B, ngh, ngw, heads, sh, sw, E), dtype=dtype)
-    # the block permute, the cast and the scale in one pass
-    if scale != 1.0:
-        torch.mul(x, scale, out=out) if x.dtype == dtype else out.copy_(x).mul_(scale)
-    else:
-        out.copy_(x)
-    return out.view(B * ngh * ngw, heads, sh * sw, E)
+    bh, bw = block
+    ngh, ngw = -(-H // bh), -(-W // bw)
+    if (ngh * bh, ngw * bw) != (H, W):  # odd sizes only: pad first
+        x = F.pad(x, (0, 0, 0, 0, 0, ngw * bw - W, 0, ngh * bh - H))
+    _write(dst.view(B, ngh, ngw, heads, bh, bw, c).permute(0, 1, 4, 2, 5, 3, 6),
+           x.view(B, ngh, bh, ngw, bw, heads, c), scale)
 
 
 def _windows(x, kernel_size, stride, pads, E, dtype, tail: Optional[Tensor] = None):
@@ -756,29 +822,41 @@ def _windows(x, kernel_size, stride, pads, E, dtype, tail: Optional[Tensor] = No
     return out.view(B * ngh * ngw, heads, kh * kw, E)
 
 
-def _from_blocks(x, size, stride):
-    """Inverse of ``_to_blocks`` for ``[n, heads, sh * sw, c]``, cropped to ``size`` = (B, H, W)."""
-    (B, H, W), (sh, sw) = size, stride
-    ngh, ngw = -(-H // sh), -(-W // sw)
+def _from_blocks(x: Tensor, size, block, layout: Tuple[int, ...], dtype, scale: float = 1.0) -> Tensor:
+    """Inverse of ``_put_blocks``: [B * ngh * ngw, heads, bh * bw, c] -> the map [B, H, W, heads, c]
+    (``size`` = (B, H, W)) in ``dtype``, times ``scale``, laid out as ``layout``; one pass."""
+    (B, H, W), (bh, bw) = size, block
+    ngh, ngw = -(-H // bh), -(-W // bw)
     heads, c = x.shape[1], x.shape[-1]
-    x = x.reshape(B, ngh, ngw, heads, sh, sw, c).permute(0, 1, 4, 2, 5, 3, 6)
-    return x.reshape(B, ngh * sh, ngw * sw, heads, c)[:, :H, :W]
+    out = _empty(layout, (B, ngh * bh, ngw * bw, heads, c), dtype)
+    _write(out.view(B, ngh, bh, ngw, bw, heads, c), x.view(B, ngh, ngw, heads, bh, bw, c).permute(0, 1, 4, 2, 5, 3, 6),
+           scale)
+    return out[:, :H, :W]
+
+
+def _write(dst: Tensor, src: Tensor, scale: float) -> None:
+    """``dst = src * scale`` in one pass where the dtypes agree; across a cast, scaled in the wider dtype."""
+    if scale == 1.0:
+        dst.copy_(src)
+    elif src.dtype == dst.dtype:
+        torch.mul(src, scale, out=dst)
+    elif dst.dtype.itemsize > src.dtype.itemsize:
+        dst.copy_(src).mul_(scale)
+    else:
+        dst.copy_(src * scale)
 
 
 def na2d(q: Tensor, k: Tensor, v: Tensor, kernel_size: Tuple[int, int], dilation: Tuple[int, int],
          stride: Tuple[int, int], rpb: Optional[Tensor], scale: float, border: str = "clamp",
          rel_h: Optional[Tensor] = None, rel_w: Optional[Tensor] = None,
-         tile: Optional[Tuple[int, int]] = None) -> Tensor:
-    if border != "clamp" or rel_h is not None or rel_w is not None:
-        if tuple(dilation) == (1, 1):
-            return _blocked_na2d(q, k, v, kernel_size, stride, rpb, scale, border, rel_h, rel_w)
-        # clamp + rel terms + dilation: not worth a fast path yet; the reference under autograd,
-        # in float32 for half inputs like every other path here (bf16 sums lose the rpb gradient)
-        from . import reference
-        cdt = _compute_dtype(q.dtype)
-        args = [None if t is None else t.to(cdt) for t in (q, k, v, rpb, rel_h, rel_w)]
-        out = reference.na2d(*args[:3], kernel_size, dilation, stride, args[3], scale, border, *args[4:])
-        return out.to(q.dtype)
+         query_stride: Tuple[int, int] = (1, 1), tile: Optional[Tuple[int, int]] = None) -> Tensor:
+    qs = tuple(query_stride)
+    if border != "clamp" or rel_h is not None or rel_w is not None or qs != (1, 1):
+        if tuple(dilation) == (1, 1) and all(s % x == 0 for s, x in zip(stride, qs)):
+            out = _blocked_na2d(q, k, v, kernel_size, stride, rpb, scale, border, rel_h, rel_w, qs)
+            if out is not None:
+                return out
+        return _reference_na2d(q, k, v, kernel_size, dilation, stride, rpb, scale, border, rel_h, rel_w, qs)
     B, H, W, heads, D = q.shape
     plan = _plan(H, W, *kernel_size, *dilation, *stride, tile)
     needs_grad = torch.is_grad_enabled() and any(

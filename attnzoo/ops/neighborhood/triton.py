@@ -670,7 +670,7 @@ _dispatch.register_compile_traceable(__name__)
 def na2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: Tuple[int, int],
          dilation: Tuple[int, int], stride: Tuple[int, int], rpb: Optional[torch.Tensor],
          scale: float, border: str = "clamp", rel_h: Optional[torch.Tensor] = None,
-         rel_w: Optional[torch.Tensor] = None) -> torch.Tensor:
+         rel_w: Optional[torch.Tensor] = None, query_stride: Tuple[int, int] = (1, 1)) -> torch.Tensor:
     """Neighborhood attention on ``[B, H, W, heads, D]``; arguments validated by ``__init__`` (per-axis
     tuples, rpb / rel_h / rel_w in q's dtype), not checked again here.
 
@@ -679,6 +679,7 @@ def na2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: Tuple[i
     softmax (logit = the bias terms only). Any kernel size (even too) and map size.
     ``rel_h`` / ``rel_w`` ``[B, H, W, heads, kh | kw]``: per-query biases added to the logit of
     the key at window row ``i`` / column ``j``; differentiable.
+    ``query_stride`` is always ``(1, 1)`` here: the dispatch's ``can_run`` refuses a query stride.
     """
     return _na2d_fwd_op(q, k, v, rpb, rel_h, rel_w, list(kernel_size), list(dilation), list(stride),
                         float(scale), border)[0]
