@@ -32,7 +32,9 @@ def check_qkv(op: str, q, k, v, layout: str, same_shape: bool = True) -> None:
     if not (q.device == k.device == v.device):
         raise ValueError(f"{op}: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     if min(q.numel(), k.numel(), v.numel()) == 0:
-        raise ValueError(f"{op}: got empty inputs: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+        shapes = f"of shape {tuple(q.shape)}" if q.shape == k.shape == v.shape else \
+            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        raise ValueError(f"{op}: got empty inputs {shapes}")
 
 
 def check_scale(op: str, scale, default: float) -> float:
@@ -87,8 +89,8 @@ def autocast_inputs(q, *tensors) -> Tuple[tuple, object]:
 
 def as_pair(op: str, name: str, value, n: int = 2, minimum: Optional[int] = None) -> Tuple[int, ...]:
     """An int or a sequence of ``n`` ints (bools refused) as an ``n``-tuple, each ``>= minimum``."""
-    bad = ValueError(f"{op}: {name} must be an int{f' >= {minimum}' if minimum is not None else ''} "
-                     f"or a tuple of {n} of them, got {value!r}")
+    bad = ValueError(f"{op}: {name} must be an int or a tuple of {n} ints"
+                     f"{f', each >= {minimum}' if minimum is not None else ''}, got {value!r}")
     if isinstance(value, bool):
         raise bad
     if isinstance(value, int):

@@ -25,14 +25,12 @@ Autocast: like ``torch.amp.custom_fwd(cast_inputs=...)``, the op casts its float
 every backend sees one dtype in its forward and backward and returns that dtype; gradients
 flow back to the callers' dtypes through the casts.
 """
-import contextlib
 import dataclasses
-import math
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-from .. import _dispatch
+from .. import _checks, _dispatch
 from . import cpu, reference
 
 __all__ = ["na1d", "na2d", "BACKENDS", "BORDERS"]
@@ -58,20 +56,6 @@ BACKENDS = [dataclasses.replace(b, can_run=_can_run_triton) if b.name == "triton
 IntOrPair = Union[int, Tuple[int, int], Sequence[int]]
 
 
-def _pair(op: str, name: str, value, n: int) -> Tuple[int, ...]:
-    if isinstance(value, bool):
-        raise ValueError(f"{op}: {name} must be an int or a tuple of {n} ints, got {value!r}")
-    if isinstance(value, int):
-        return (value,) * n
-    try:
-        out = tuple(value)
-    except TypeError:
-        raise ValueError(f"{op}: {name} must be an int or a tuple of {n} ints, got {value!r}") from None
-    if len(out) != n or not all(isinstance(x, int) and not isinstance(x, bool) for x in out):
-        raise ValueError(f"{op}: {name} must be an int or a tuple of {n} ints, got {value!r}")
-    return out
-
-
 def _validate(op: str, q, k, v, kernel_size, dilation, stride, rpb, scale, n: int, border: str = "clamp",
               query_stride=1):
     """Checks shared by na1d (n=1) and na2d (n=2); returns (kernel, dilation, stride, scale, query_stride).
@@ -80,12 +64,8 @@ def _validate(op: str, q, k, v, kernel_size, dilation, stride, rpb, scale, n: in
     if border not in BORDERS:
         raise ValueError(f"{op}: border must be one of {BORDERS}, got {border!r}")
     layout = "[B, L, heads, D]" if n == 1 else "[B, H, W, heads, D]"
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
-        if t.dim() != n + 3:
-            raise ValueError(f"{op}: {name} must be {layout}, got shape {tuple(t.shape)}")
-    qs = _pair(op, "query_stride", query_stride, n)
+    _checks.check_qkv(op, q, k, v, layout, same_shape=False)
+    qs = _checks.as_pair(op, "query_stride", query_stride, n)
     if any(x < 1 for x in qs):
         raise ValueError(f"{op}: query_stride must be >= 1, got {query_stride}")
     spatial = tuple(k.shape[1:1 + n])
@@ -97,15 +77,9 @@ def _validate(op: str, q, k, v, kernel_size, dilation, stride, rpb, scale, n: in
         raise ValueError(f"{op}: q, k, v must have {want}, got q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}, v {tuple(v.shape)}")
     qs = tuple(1 if size == 1 else x for size, x in zip(spatial, qs))
-    if not (q.dtype == k.dtype == v.dtype) or not q.is_floating_point():
-        raise ValueError(f"{op}: q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"{op}: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if q.numel() == 0:
-        raise ValueError(f"{op}: got empty inputs of shape {tuple(q.shape)}")
-    ks = _pair(op, "kernel_size", kernel_size, n)
-    dil = _pair(op, "dilation", dilation, n)
-    st = _pair(op, "stride", stride, n)
+    ks = _checks.as_pair(op, "kernel_size", kernel_size, n)
+    dil = _checks.as_pair(op, "dilation", dilation, n)
+    st = _checks.as_pair(op, "stride", stride, n)
     zero_pad = border == "zero_pad"
     # zero_pad windows are never clamped, so even kernels (HaloNet: b + 2h with even b) are fine
     if any(x < 1 or (x % 2 == 0 and not zero_pad) for x in ks):
@@ -125,56 +99,14 @@ def _validate(op: str, q, k, v, kernel_size, dilation, stride, rpb, scale, n: in
                          f"{need} (kernel_size {kernel_size}, dilation {dilation}); pad it first")
     heads = q.shape[-2]
     if rpb is not None:
-        _check_bias(op, "rpb", rpb, q, (heads,) + tuple(2 * kk - 1 for kk in ks),
+        _checks.check_bias(op, "rpb", rpb, q, (heads,) + tuple(2 * kk - 1 for kk in ks),
                     f"[heads, 2k-1{', 2k-1' if n == 2 else ''}]", f" and kernel_size {kernel_size}")
-    return ks, dil, st, _scale(op, scale, q), qs
-
-
-def _scale(op: str, scale, q: torch.Tensor) -> float:
-    if scale is None:
-        return q.shape[-1] ** -0.5
-    try:
-        value = float(scale)
-    except (TypeError, ValueError, RuntimeError):
-        raise ValueError(f"{op}: scale must be a real number, got {scale!r}") from None
-    # inf / nan would silently turn every logit (and the output) into nan; 0 and negative
-    # scales are well defined (uniform / reversed attention), as in the reference
-    if not math.isfinite(value):
-        raise ValueError(f"{op}: scale must be finite, got {value}")
-    return value
-
-
-def _check_bias(op: str, name: str, t, q: torch.Tensor, expect: tuple, layout: str, context: str = "") -> None:
-    """An additive logit term: a tensor of shape ``expect`` with q's device and dtype."""
-    if not isinstance(t, torch.Tensor) or tuple(t.shape) != expect:
-        got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-        raise ValueError(f"{op}: {name} must have shape {layout} = {expect} for q {tuple(q.shape)}{context}, "
-                         f"got {got}")
-    if t.device != q.device or not t.is_floating_point():
-        raise ValueError(f"{op}: {name} must be a floating tensor on {q.device}, got {t.dtype} on {t.device}")
-    if t.dtype != q.dtype:
-        # backends would otherwise disagree (promote, cast or fail); the caller picks the precision
-        under = " (after autocast's cast)" if _dispatch.autocast_dtype(q.device.type) is not None else ""
-        raise ValueError(f"{op}: {name} must have q's dtype {q.dtype}{under}, got {t.dtype}")
+    return ks, dil, st, _checks.check_scale(op, scale, q.shape[-1] ** -0.5), qs
 
 
 def _validate_rel(op: str, name: str, rel, q: torch.Tensor, kk: int):
     if rel is not None:
-        _check_bias(op, name, rel, q, tuple(q.shape[:-1]) + (kk,), "[B, H, W, heads, k]")
-
-
-def _autocast(q, *tensors):
-    """``((q, *tensors), context)``. Under autocast (as ``custom_fwd(cast_inputs=)``): the floating
-    tensors cast to the autocast dtype (float64 left alone), and a context that turns autocast off
-    while the backend runs, so its forward and backward see one dtype (autocast would round some
-    of its matmuls to half and not others). Otherwise the inputs as given and a null context.
-    Non-tensors pass through to validation."""
-    dtype = _dispatch.autocast_dtype(q.device.type) if isinstance(q, torch.Tensor) else None
-    if dtype is None:
-        return (q, *tensors), contextlib.nullcontext()
-    cast = tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
-                 else t for t in (q, *tensors))
-    return cast, _dispatch.no_autocast(q.device.type)
+        _checks.check_bias(op, name, rel, q, tuple(q.shape[:-1]) + (kk,), "[B, H, W, heads, k]")
 
 
 def na2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: IntOrPair, dilation: IntOrPair = 1,
@@ -211,7 +143,7 @@ def na2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: IntOrPa
 
     Returns q's shape ``[B, Hq, Wq, heads, D]`` in q's dtype (the autocast dtype under autocast).
     """
-    (q, k, v, rpb, rel_h, rel_w), no_autocast = _autocast(q, k, v, rpb, rel_h, rel_w)
+    (q, k, v, rpb, rel_h, rel_w), no_autocast = _checks.autocast_inputs(q, k, v, rpb, rel_h, rel_w)
     ks, dil, st, scale, qs = _validate("na2d", q, k, v, kernel_size, dilation, stride, rpb, scale, 2, border,
                                        query_stride)
     _validate_rel("na2d", "rel_h", rel_h, q, ks[0])
@@ -230,7 +162,7 @@ def na1d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: IntOrPa
     Runs as ``na2d`` on an ``L x 1`` map with kernel ``(k, 1)`` (the sequence on the
     height axis, whose key halos the CPU backend never copies).
     """
-    (q, k, v, rpb), no_autocast = _autocast(q, k, v, rpb)
+    (q, k, v, rpb), no_autocast = _checks.autocast_inputs(q, k, v, rpb)
     ks, dil, st, scale, _ = _validate("na1d", q, k, v, kernel_size, dilation, stride, rpb, scale, 1)
     chosen = _dispatch.choose_backend("na1d", BACKENDS, [t for t in (q, k, v, rpb) if t is not None], backend)
     with no_autocast:
