@@ -150,12 +150,41 @@ class _Recorder:
         return call
 
 
+class _Refused:
+    """The ``impl`` of a Triton backend whose op-specific ``can_run`` refuses a call (neighborhood's
+    ``query_stride > 1``): a GPU's dispatch would not send it there, so nothing is recorded; a meta
+    output on q's grid (and tied to the inputs needing a gradient) keeps the training step going."""
+
+    def __getattr__(self, name):
+        def call(q, *args):
+            deps = [t for t in _tensors((q, *args)) if t.requires_grad]
+            out = q.new_empty(q.shape)
+            return out + sum(t.sum() for t in deps) * 0 if deps and torch.is_grad_enabled() else out
+
+        return call
+
+
+def _refusal(backend, tensors) -> Optional[str]:
+    """What the backend's own ``can_run`` says of ``tensors`` with the device check passed (the
+    tensors are on meta here, the kernels would run on CUDA)."""
+    generic = _dispatch.can_run_triton
+    if backend.can_run is generic:
+        return None
+    _dispatch.can_run_triton = lambda *a, **k: None
+    try:
+        return backend.can_run(tensors, True)
+    finally:
+        _dispatch.can_run_triton = generic
+
+
 @contextlib.contextmanager
 def _recording(calls: Dict[OpCall, set], model: str):
     choose = _dispatch.choose_backend
 
     def choose_triton(op, backends, tensors, backend=None):
         tri = next(b for b in backends if b.name == "triton")
+        if _refusal(tri, tensors) is not None:
+            return dataclasses.replace(tri, impl=_Refused())
         return dataclasses.replace(tri, impl=_Recorder(tri.impl, calls, model))
 
     _dispatch.choose_backend = choose_triton

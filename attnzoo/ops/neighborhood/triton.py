@@ -65,7 +65,7 @@ custom ops with fake and autograd registrations (traceable by ``torch.compile``)
 """
 import bisect
 from functools import lru_cache
-from typing import List, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -427,7 +427,6 @@ class _Plan:
         self.nth, self.halo_h, self.qhalo_h, self.qrange_h = _axis_plan(H, kh, dh, sh, self.th, zpad)
         self.ntw, self.halo_w, self.qhalo_w, self.qrange_w = _axis_plan(W, kw, dw, sw, self.tw, zpad)
         self.block_k = max(16, min(block_k, triton.next_power_of_2(self.halo_h * self.halo_w)))
-        self.block_q = max(16, min(block_k, triton.next_power_of_2(self.qhalo_h * self.qhalo_w)))
         self._tables = {}
 
     def tables(self, device):
@@ -455,22 +454,45 @@ def _rpb_args(rpb: Optional[torch.Tensor]):
     return rpb, rpb.stride()
 
 
-def _block_sizes(dtype: torch.dtype, block_d: int, rel: bool = False) -> Tuple[int, int, int, int]:
-    """(queries per tile, keys per chunk, cap on queries per dK / dV chunk, num_warps).
+class _Launch(NamedTuple):
+    block_q: int  # queries per tile
+    block_k: int  # keys per dQ chunk
+    fwd_block_k: int  # keys per forward chunk
+    block_dkv: int  # cap on the queries per dK / dV chunk
+    warps: int  # backward kernels
+    fwd_warps: int
+
+
+def _block_sizes(dtype: torch.dtype, block_d: int, rel: bool = False, dilated: bool = False) -> _Launch:
+    """Tile / chunk sizes and warps of one call.
 
     Chosen with ``tools/gpu_readiness.py`` (sm_80 / sm_90 cubins at the paper models' shapes).
     The masks, rpb / rel offsets and softmax terms of a ``[tile, chunk]`` block are all live at
-    once, so register pressure, not the matmuls, sets the sizes. On 4 warps every kernel spilled
-    somewhere: fp16 / bf16 keep 64 x 64 tiles on 8 warps, with dK / dV's queries chunked by 32;
-    fp32, whose dots are FMA loops unless TF32 is on, and the rel_h / rel_w path (HaloNet's bias
-    gathers and one-hot gradient dots) take 32 x 32, and 16 keys at D > 128, where fp32's FMA
-    operand staging passed sm_80's 163 KiB of shared memory. fp64 (not in the matrix): 32 x 32,
-    16 keys at D > 64, 4 warps."""
+    once, so register pressure, not the matmuls, sets the sizes; where the need is just above a
+    two-blocks-per-SM budget (80 / 128 registers on 8 warps) ptxas spills a few bytes rather than
+    give up a block, so a smaller chunk can spill where a larger one does not. On 4 warps every
+    kernel spilled somewhere: fp16 / bf16 keep 64 x 64 tiles on 8 warps, with dK / dV's queries
+    chunked by 32; fp32, whose dots are FMA loops unless TF32 is on, takes 32 x 32 (16 keys at
+    D > 128, where fp32's FMA operand staging passed sm_80's 163 KiB of shared memory); with
+    dilation (runtime index arithmetic on every key-query pair) its dK / dV queries go 16 at a
+    time (32 spilled at DiNAT's dilated 7 x 7, also on 2 stages or 128 registers). The rel_h /
+    rel_w path (HaloNet) adds the bias gathers and the dQ kernel's one-hot ``[tile, halo row /
+    column]`` gradient dots: dQ takes 16 keys per chunk (32 spilled up to 164 bytes in fp32 and
+    32 in half at D = 128), dK / dV 16 queries in fp32 and in half at D <= 32 (32 spilled 4-16
+    bytes there, 16 spilled in half at D = 64 / 128); the forward keeps 32 keys (16 spilled
+    more), and in half at D > 128 runs on 4 warps, where ptxas may use 255 registers (on 8 it
+    held 128 and spilled). fp64 (not in the matrix): 32 x 32, 16 keys at D > 64, 4 warps."""
     if dtype == torch.float64:
-        return 32, 32 if block_d <= 64 else 16, _BLOCK_DKV, 4
-    if dtype == torch.float32 or rel:
-        return 32, 32 if block_d <= 128 else 16, _BLOCK_DKV, 8
-    return _BLOCK_Q, _BLOCK_K, _BLOCK_DKV, 8
+        bk = 32 if block_d <= 64 else 16
+        return _Launch(32, bk, bk, min(bk, _BLOCK_DKV), 4, 4)
+    if rel:
+        bk = 32 if block_d <= 128 else 16
+        dkv = 16 if dtype == torch.float32 or block_d <= 32 else min(bk, _BLOCK_DKV)
+        return _Launch(32, 16, bk, dkv, 8, 4 if dtype != torch.float32 and block_d > 128 else 8)
+    if dtype == torch.float32:
+        bk = 32 if block_d <= 128 else 16
+        return _Launch(32, bk, bk, 16 if dilated else min(bk, _BLOCK_DKV), 8, 8)
+    return _Launch(_BLOCK_Q, _BLOCK_K, _BLOCK_K, min(_BLOCK_K, _BLOCK_DKV), 8, 8)
 
 
 def _rel_args(rel: Optional[torch.Tensor]):
@@ -479,14 +501,21 @@ def _rel_args(rel: Optional[torch.Tensor]):
     return rel, rel.stride()
 
 
+def _chunk(cap: int, n: int) -> int:
+    """A chunk of at most ``cap`` (a power of two) and at least 16 for ``n`` elements."""
+    return max(16, min(cap, triton.next_power_of_2(n)))
+
+
 def _common(q, kernel_size, dilation, stride, zpad=False, rel=False):
-    """The plan, grid, BLOCK_D, dK / dV query chunk and num_warps of one call."""
+    """The plan, grid, BLOCK_D, forward key chunk, dK / dV query chunk and launch choices of one call."""
     B, H, W, NH, D = q.shape
     block_d = max(16, triton.next_power_of_2(D))
-    bq, bk, bdkv, warps = _block_sizes(q.dtype, block_d, rel)
-    plan = _plan(H, W, tuple(kernel_size), tuple(dilation), tuple(stride), bq, _MAX_TILE_W, bk, bool(zpad))
+    lc = _block_sizes(q.dtype, block_d, rel, dilation[0] * dilation[1] > 1)
+    plan = _plan(H, W, tuple(kernel_size), tuple(dilation), tuple(stride), lc.block_q, _MAX_TILE_W, lc.block_k,
+                 bool(zpad))
     grid = (plan.nth * plan.ntw, dilation[0] * dilation[1], B * NH)
-    return plan, grid, block_d, min(plan.block_q, bdkv), warps
+    return (plan, grid, block_d, _chunk(lc.fwd_block_k, plan.halo_h * plan.halo_w),
+            _chunk(lc.block_dkv, plan.qhalo_h * plan.qhalo_w), lc)
 
 
 def _scale_tensor(scale: float, acc_torch, device) -> torch.Tensor:
@@ -500,8 +529,8 @@ def forward(q, k, v, kernel_size, dilation, stride, rpb, scale, border="clamp", 
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     B, H, W, NH, D = q.shape
     zpad = border == "zero_pad"
-    plan, grid, block_d, block_dkv, warps = _common(q, kernel_size, dilation, stride, zpad,
-                                                    rel_h is not None or rel_w is not None)
+    plan, grid, block_d, block_k, _, lc = _common(q, kernel_size, dilation, stride, zpad,
+                                                  rel_h is not None or rel_w is not None)
     rel_h, s1 = _rel_args(rel_h)
     rel_w, s2 = _rel_args(rel_w)
     acc, acc_torch = _acc_dtype(q.dtype)
@@ -514,9 +543,9 @@ def forward(q, k, v, kernel_size, dilation, stride, rpb, scale, border="clamp", 
         *_strides(q), *_strides(k), *_strides(v), *_strides(out), *sr, *s1, *s2,
         KH=kernel_size[0], KW=kernel_size[1], SH=stride[0], SW=stride[1],
         TH=plan.th, TW=plan.tw, HALO_H=plan.halo_h, HALO_W=plan.halo_w,
-        BLOCK_K=plan.block_k, BLOCK_D=block_d,
+        BLOCK_K=block_k, BLOCK_D=block_d,
         HAS_RPB=rpb is not None, ACC=acc, PREC=_precision(q.dtype), UPCAST=_upcast(q.dtype),
-        ZPAD=zpad, HAS_RELH=rel_h is not None, HAS_RELW=rel_w is not None, num_warps=warps,
+        ZPAD=zpad, HAS_RELH=rel_h is not None, HAS_RELW=rel_w is not None, num_warps=lc.fwd_warps,
     )
     return out, lse
 
@@ -533,7 +562,7 @@ def backward(do, q, k, v, out, lse, kernel_size, dilation, stride, rpb, scale,
     q, k, v, do = _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(do)
     B, H, W, NH, D = q.shape
     zpad = border == "zero_pad"
-    plan, grid, block_d, block_dkv, warps = _common(q, kernel_size, dilation, stride, zpad,
+    plan, grid, block_d, _, block_dkv, lc = _common(q, kernel_size, dilation, stride, zpad,
                                                     rel_h is not None or rel_w is not None)
     rel_h, s1 = _rel_args(rel_h)
     rel_w, s2 = _rel_args(rel_w)
@@ -557,7 +586,7 @@ def backward(do, q, k, v, out, lse, kernel_size, dilation, stride, rpb, scale,
     drpb = torch.zeros((slots, NH, 2 * kh - 1, 2 * kw - 1), dtype=acc_torch, device=q.device) if need_drpb else None
     consts = dict(KH=kh, KW=kw, SH=stride[0], SW=stride[1], TH=plan.th, TW=plan.tw,
                   BLOCK_D=block_d, HAS_RPB=rpb is not None, ACC=acc, PREC=prec, UPCAST=_upcast(q.dtype),
-                  ZPAD=zpad, HAS_RELH=rel_h is not None, HAS_RELW=rel_w is not None, num_warps=warps)
+                  ZPAD=zpad, HAS_RELH=rel_h is not None, HAS_RELW=rel_w is not None, num_warps=lc.warps)
     _bwd_dq_kernel[grid](
         q, k, v, out, do, rpb_t, lse, delta, dq, drpb, scale_t, rel_h, rel_w, drel_h, drel_w,
         H, W, NH, D, dilation[0], dilation[1], plan.ntw, grid[0],
