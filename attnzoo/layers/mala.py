@@ -127,19 +127,6 @@ class MagnitudeAwareLinearAttention(_QkvoAttention):
         return magnitude_aware_linear_attention(q, k, v, rope, scale=self.scale, backend=self.backend)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``rotate_pairs``, in eager fp32 / fp64 as one complex multiply (pairs ``(2i, 2i+1)`` are the real
-    and imaginary parts; ~8x faster on CPU than its passes over strided even / odd views). Half dtypes
-    have no complex view, and graph captures and ONNX take no complex tensors: there, the plain form."""
-    if (x.dtype not in (torch.float32, torch.float64) or torch.compiler.is_compiling()
-            or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()):
-        return rotate_pairs(x, cos, sin)
-    if x.stride(-1) != 1 or any(s % 2 for s in x.stride()[:-1]) or x.storage_offset() % 2:
-        x = x.contiguous()
-    xc = torch.view_as_complex(x.unflatten(-1, (-1, 2)))
-    return torch.view_as_real(xc * torch.complex(cos.to(x.dtype), sin.to(x.dtype))).flatten(-2)
-
-
 class RopeSoftmaxAttention(_QkvoAttention):
     """Softmax attention over the whole map with RoPE on q and k (official ``VanillaSelfAttention``,
     used by the released MAViTs in their last two stages). ``fused_attn`` (timm's switch): SDPA,
@@ -151,7 +138,7 @@ class RopeSoftmaxAttention(_QkvoAttention):
 
     def attend(self, q, k, v, rope):
         if rope is not None:
-            q, k = _rotate(q, *rope).to(v.dtype), _rotate(k, *rope).to(v.dtype)
+            q, k = rotate_pairs(q, *rope).to(v.dtype), rotate_pairs(k, *rope).to(v.dtype)
         if self.fused_attn:
             return F.scaled_dot_product_attention(q, k, v, scale=self.scale)
         return torch.softmax(self.scale * q @ k.transpose(-2, -1), dim=-1) @ v

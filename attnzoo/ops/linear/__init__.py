@@ -21,7 +21,7 @@ Backends (``backend=`` or ``$ATTNZOO_BACKEND``; default: the best that can run):
 - ``cpu``: batched matmuls, RoPE as one complex multiply, hand-written backward (``cpu.py``).
 - ``triton``: fused forward and backward kernels, two passes each (``triton.py``, CUDA).
 
-``rotate_pairs(x, cos, sin)`` is the same RoPE on its own (plain torch), for callers that
+``rotate_pairs(x, cos, sin)`` is the same RoPE on its own, for callers that
 need it outside the op (MAViT's softmax stages).
 """
 from typing import Optional, Tuple
@@ -30,7 +30,6 @@ import torch
 
 from .. import _checks, _dispatch
 from . import cpu, reference
-from .reference import rotate as rotate_pairs
 
 __all__ = ["linear_attention", "magnitude_aware_linear_attention", "rotate_pairs", "BACKENDS", "DEFAULT_EPS"]
 
@@ -40,6 +39,17 @@ BACKENDS = _dispatch.standard_backends(reference, cpu, __name__ + ".triton")
 DEFAULT_EPS = 1e-6
 
 Rope = Optional[Tuple[torch.Tensor, torch.Tensor]]
+
+
+def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on adjacent channel pairs ``(2i, 2i+1)`` of ``x`` by the tables ``cos, sin`` ``[N, D/2]``,
+    differentiable. In eager fp32 / fp64 one complex multiply (the cpu backend's, ~8x faster on CPU
+    than the reference's passes over strided even / odd views); half dtypes have no complex view,
+    and graph captures and ONNX take no complex tensors: there, the reference's form."""
+    if (x.dtype not in (torch.float32, torch.float64) or _dispatch.capturing() is not None
+            or torch.jit.is_tracing()):
+        return reference.rotate(x, cos, sin)
+    return cpu.rope_turn(x, cpu.rope_table(cos, sin, x.dtype))
 
 
 def _validate(op: str, q, k, v, rope: Rope, scale, eps):

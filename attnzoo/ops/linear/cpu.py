@@ -25,13 +25,13 @@ from .. import _dispatch
 Tensor = torch.Tensor
 
 
-def _cis(cos: Optional[Tensor], sin: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+def rope_table(cos: Optional[Tensor], sin: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     if cos is None:
         return None
     return torch.complex(cos.to(dtype), sin.to(dtype))
 
 
-def _rope(x: Tensor, cis: Optional[Tensor], conj: bool = False) -> Tensor:
+def rope_turn(x: Tensor, cis: Optional[Tensor], conj: bool = False) -> Tensor:
     """``x`` turned by ``cis`` (``conj``: the inverse turn); ``x`` itself when there is no RoPE."""
     if cis is None:
         return x
@@ -71,7 +71,7 @@ def _forward(q, k, v, cis, scale, eps, magnitude_aware):
     n = q.shape[-2]
     km = k.mean(dim=-2, keepdim=True)  # [B, h, 1, D]
     z = _rowdot(q, km).mul_(scale)  # [B, h, N, 1]
-    qa, kr = _rope(q, cis), _rope(k, cis)
+    qa, kr = rope_turn(q, cis), rope_turn(k, cis)
     kv = torch.bmm(_flat(kr).transpose(-2, -1), _flat(v)).mul_(scale / n).view(*q.shape[:-2], *km.shape[-1:] * 2)
     a, _ = _coefs(z, eps, magnitude_aware)
     qa = qa * a if qa is q else qa.mul_(a)  # a > 0 for non-negative features: the backward divides by it
@@ -130,7 +130,7 @@ class _LinearAttention(torch.autograd.Function):
         dtype = q.dtype
         compute = torch.promote_types(dtype, torch.float32)
         q, k, v = q.to(compute), k.to(compute), v.to(compute)
-        cis = _cis(cos, sin, compute)
+        cis = rope_table(cos, sin, compute)
         out, (qa, kr, kv, z, km, vm) = _forward(q, k, v, cis, scale, eps, magnitude_aware)
         ctx.save_for_backward(q, v, qa, kr, kv, z, km, vm, cis)
         ctx.args = (scale, eps, magnitude_aware, dtype)
@@ -162,4 +162,4 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor], sin
     dtype = q.dtype
     compute = torch.promote_types(dtype, torch.float32)
     q, k, v = q.to(compute), k.to(compute), v.to(compute)
-    return _forward(q, k, v, _cis(cos, sin, compute), scale, eps, magnitude_aware)[0].to(dtype)
+    return _forward(q, k, v, rope_table(cos, sin, compute), scale, eps, magnitude_aware)[0].to(dtype)
