@@ -199,9 +199,8 @@ class AgentAttention(nn.Module):
         def split(t):  # [B, h, w, C] -> [B, heads, h * w, hd]
             return t.reshape(B, -1, heads, hd).transpose(1, 2)
 
-        b1, b2 = self.biases((H, W), kv_size)
-        dtype = q.dtype
-        out = agent_attention(split(q), split(k), split(v), agents, b1.to(dtype), b2.to(dtype),
+        b1, b2 = self.biases((H, W), kv_size)  # under autocast the op casts them with q
+        out = agent_attention(split(q), split(k), split(v), agents, b1, b2,
                               scale=self.scale, backend=self.backend)
         out = out.transpose(1, 2).reshape(B, H, W, C)
         v = v.permute(0, 3, 1, 2)
