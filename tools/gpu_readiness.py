@@ -142,12 +142,17 @@ class _Recorder:
             self._calls.setdefault(OpCall(fn.__module__, name, _spec(args)), set()).add(self._model)
             with torch.no_grad():
                 out = fn(*args)
-            deps = [t for t in _tensors(args) if t.requires_grad]
-            if torch.is_grad_enabled() and deps and isinstance(out, torch.Tensor) and out.is_floating_point():
-                out = out + sum(t.sum() for t in deps) * 0  # meta: only the graph is built
-            return out
+            return _tied(out, args)
 
         return call
+
+
+def _tied(out, args):
+    """``out`` tied to every input of ``args`` that needs a gradient (meta: only the graph is built)."""
+    deps = [t for t in _tensors(args) if t.requires_grad]
+    if torch.is_grad_enabled() and deps and isinstance(out, torch.Tensor) and out.is_floating_point():
+        return out + sum(t.sum() for t in deps) * 0
+    return out
 
 
 class _Refused:
@@ -157,9 +162,7 @@ class _Refused:
 
     def __getattr__(self, name):
         def call(q, *args):
-            deps = [t for t in _tensors((q, *args)) if t.requires_grad]
-            out = q.new_empty(q.shape)
-            return out + sum(t.sum() for t in deps) * 0 if deps and torch.is_grad_enabled() else out
+            return _tied(q.new_empty(q.shape), (q, *args))
 
         return call
 
